@@ -1,0 +1,214 @@
+"""Run directories: the unit that stages hand each other.
+
+    RUN_DIR/
+      model.safetensors     weights (safetensors only; a tied LM head is stored once)
+      config.json           the ModelConfig, plus "model_type": "minimind" and a format version
+      tokenizer.json, tokenizer_config.json
+      run.json              how it was made: stage, parent run, seed, git commit, time
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+crash leaves either the old file or the new one, never half of one. Loading is strict: a missing,
+unexpected or misshapen tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minimind import __version__
+from minimind.config import ModelConfig
+from minimind.errors import CheckpointError
+from minimind.model import MiniMind
+from minimind.tokenizer import Tokenizer
+
+WEIGHTS, CONFIG, RUN_INFO = "model.safetensors", "config.json", "run.json"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def weight_names(model: MiniMind) -> list[str]:
+    """State-dict keys as stored on disk: the tied LM head is the embedding, stored once."""
+    names = list(model.state_dict().keys())
+    if model.cfg.tie_word_embeddings:
+        names.remove("lm_head.weight")
+    return names
+
+
+def save_weights(model: MiniMind, path: str | Path) -> None:
+    state = model.state_dict()
+    tensors = {k: state[k].detach().contiguous().cpu() for k in weight_names(model)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "minimind": __version__}))
+
+
+def load_weights(model: MiniMind, path: str | Path) -> None:
+    """Load strictly: every expected tensor present, nothing extra, every shape right."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weight file not found")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    expected = model.state_dict()
+    names = set(weight_names(model))
+    missing, extra = sorted(names - tensors.keys()), sorted(tensors.keys() - names)
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in sorted(names & tensors.keys()) if tensors[k].shape != expected[k].shape]
+    if missing or extra or wrong:
+        parts = [f"missing tensors {missing}" if missing else "", f"unexpected tensors {extra}" if extra else "",
+                 f"wrong shapes {wrong}" if wrong else ""]
+        raise CheckpointError(f"{path}: does not match config.json: " + "; ".join(p for p in parts if p))
+    if model.cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True)
+
+
+def save_config(cfg: ModelConfig, run_dir: str | Path) -> None:
+    data = {"model_type": "minimind", "format_version": FORMAT_VERSION, **cfg.to_dict()}
+    atomic_write_text(Path(run_dir) / CONFIG, json.dumps(data, indent=2))
+
+
+def load_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG}); create one with `minimind init`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if data.pop("model_type", None) != "minimind":
+        raise CheckpointError(f"{path}: not a MiniMind config (model_type is not 'minimind')")
+    version = data.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    return ModelConfig.from_dict({**data, **overrides})
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_run(run_dir: str | Path, model: MiniMind, tokenizer: Tokenizer, info: dict[str, Any]) -> None:
+    """Write a complete run directory (weights, config, tokenizer, provenance)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(model, run_dir / WEIGHTS)
+    save_config(model.cfg, run_dir)
+    tokenizer.save(run_dir)
+    record = {"minimind_version": __version__, "git_commit": git_commit(),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    atomic_write_text(run_dir / RUN_INFO, json.dumps(record, indent=2, ensure_ascii=False))
+
+
+@dataclass
+class Run:
+    model: MiniMind
+    tokenizer: Tokenizer
+    info: dict[str, Any]
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **config_overrides: Any) -> Run:
+    """Model (in eval mode, on `device`), tokenizer and provenance of a run directory.
+
+    config_overrides change inference-time settings such as rope_scaling / rope_factor; they
+    may not change any tensor's shape (strict loading would refuse it).
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir, **config_overrides)
+    model = MiniMind(cfg)
+    load_weights(model, run_dir / WEIGHTS)
+    tokenizer = Tokenizer.load(run_dir)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model only "
+                              f"{cfg.vocab_size} embeddings")
+    info_path = run_dir / RUN_INFO
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    return Run(model.to(device).eval(), tokenizer, info)
+
+
+# ---- CLI: minimind init --preset NAME --tokenizer DIR --out RUN_DIR [--seed 42] --------------
+
+
+def add_arguments(p: Any) -> None:
+    from minimind.config import PRESETS, add_dataclass_args
+
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory or tokenizer.json")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--seed", type=int, default=42)
+    add_dataclass_args(p, ModelConfig, skip=("pad_token_id", "bos_token_id", "eos_token_id"),
+                       title="model overrides (on top of the preset)")
+
+
+def init_run(preset_name: str, tokenizer: Tokenizer, out: str | Path, seed: int = 42,
+             **overrides: Any) -> MiniMind:
+    """A freshly initialised run directory: the preset's model sized to the tokenizer."""
+    from minimind.config import preset
+
+    overrides.setdefault("vocab_size", tokenizer.vocab_size)
+    if overrides["vocab_size"] < tokenizer.vocab_size:
+        raise CheckpointError(f"vocab_size {overrides['vocab_size']} is smaller than the tokenizer's "
+                              f"{tokenizer.vocab_size} ids")
+    cfg = preset(preset_name, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
+                 eos_token_id=tokenizer.eos_id, **overrides)
+    torch.manual_seed(seed)
+    model = MiniMind(cfg)
+    save_run(out, model, tokenizer, {"stage": "init", "parent": None, "preset": preset_name, "seed": seed,
+                                     "tokenizer": tokenizer.source, "overrides": overrides})
+    return model
+
+
+def main(args: Any) -> None:
+    from minimind.config import dataclass_overrides
+
+    model = init_run(args.preset, Tokenizer.load(args.tokenizer), args.out, args.seed,
+                     **dataclass_overrides(args, ModelConfig))
+    c = model.cfg
+    active = f", {model.num_params(active=True) / 1e6:.2f}M active" if c.use_moe else ""
+    print(f"initialised {args.preset}: {model.num_params() / 1e6:.2f}M parameters{active} "
+          f"({c.num_layers} layers x {c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}) "
+          f"-> {args.out}")

@@ -1,0 +1,48 @@
+"""The `minimind` command: one table from command name to the module that implements it.
+
+Each module exposes `add_arguments(parser)` and `main(args)`. Only the chosen command's module is
+imported, so `minimind --help` stays fast. Errors the user can fix print as one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from minimind import __version__
+from minimind.errors import MiniMindError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("minimind.tokenizer", "train a byte-level BPE tokenizer on text files"),
+    "init": ("minimind.checkpoint", "create a freshly initialised run directory from a preset"),
+    "generate": ("minimind.generate", "continue a prompt with a run's model (KV-cached sampling)"),
+    "demo": ("minimind.demo", "run the end-to-end pipeline on built-in data (what `make demo` runs)"),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minimind", description="Train small language models from nothing.")
+    parser.add_argument("--version", action="version", version=f"minimind {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
+    if args.command is None:
+        build_parser(None).print_help()
+        sys.exit(2)
+    try:
+        importlib.import_module(COMMANDS[args.command][0]).main(args)
+    except MiniMindError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,175 @@
+"""Typed configuration: the model's shape, its presets, and `--key value` overrides.
+
+A preset is a named `ModelConfig`; every field can be overridden from the command line
+(`--hidden-size 256`) because the CLI builds its flags from the dataclass fields. The presets
+reproduce upstream MiniMind's published parameter counts (tests pin them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any
+
+from minimind.errors import ConfigError
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """SwiGLU width: 8/3 of the hidden size rounded up to a multiple of 64 (MiniMind2's rule)."""
+    return 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only MiniMind transformer.
+
+    Token ids the model itself relies on: `bos_token_id` starts a document, `eos_token_id` ends one
+    (and stops generation), `pad_token_id` fills left-padded batches.
+    """
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    intermediate_size: int = 0  # 0: default_intermediate_size(hidden_size)
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    qk_norm: bool = False
+    dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    # RoPE, rotate-half form, with optional YaRN scaling ("yarn" or "" for none).
+    rope_theta: float = 1e6
+    rope_scaling: str = ""
+    rope_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 2048
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float = 0.0  # 0: YaRN's default 0.1 * ln(factor) + 1
+    # Mixture of experts (ignored unless use_moe).
+    use_moe: bool = False
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    num_shared_experts: int = 1
+    moe_intermediate_size: int = 0  # 0: intermediate_size
+    norm_topk_prob: bool = True
+    aux_loss_coef: float = 0.01
+    # Special token ids.
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.intermediate_size == 0:
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
+        if self.moe_intermediate_size == 0:
+            self.moe_intermediate_size = self.intermediate_size
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse shapes that would build a broken model, with a message that says how to fix it."""
+        problems = []
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.rope_scaling not in ("", "yarn"):
+            problems.append(f"rope_scaling must be '' or 'yarn', got {self.rope_scaling!r}")
+        if self.use_moe:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts")
+            if self.norm_topk_prob and self.num_experts_per_tok == 1:
+                # Renormalising a single weight makes it exactly 1: the router would get no gradient
+                # from the language-model loss (a bug upstream MiniMind shipped).
+                problems.append("norm_topk_prob with num_experts_per_tok=1 fixes the routing weight at 1 and "
+                                "starves the router of gradient; set --norm-topk-prob false")
+        if self.vocab_size <= max(self.pad_token_id, self.bos_token_id, self.eos_token_id):
+            problems.append(f"vocab_size ({self.vocab_size}) is smaller than the special token ids")
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Upstream MiniMind2 family (rms eps 1e-5, no q/k norm).
+    "minimind2-small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2),  # 25.83M
+    "minimind2": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2),  # 104.03M
+    "minimind2-moe": dict(hidden_size=640, num_layers=8, num_heads=8, num_kv_heads=2, use_moe=True,
+                          num_experts=4, num_experts_per_tok=2, num_shared_experts=1),  # 145.03M
+    # Upstream minimind-3 family (q/k norm, 4 kv heads, FFN ceil(pi * d / 64) * 64).
+    "minimind3": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, qk_norm=True,
+                      intermediate_size=2432, rms_norm_eps=1e-6),  # 63.91M
+    "minimind3-moe": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, qk_norm=True,
+                          intermediate_size=2432, rms_norm_eps=1e-6, use_moe=True, num_experts=4,
+                          num_experts_per_tok=1, num_shared_experts=0, norm_topk_prob=False),  # 198.42M
+    # Small enough to train on a laptop CPU in minutes: tests and the demo.
+    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=4096),
+    "tiny-moe": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=4096,
+                     use_moe=True, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                     intermediate_size=256),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset with `overrides` applied on top."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataclass <-> argparse: every field becomes `--field-name VALUE`, defaulting to "not given".
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                       title: str | None = None) -> None:
+    """Add one optional flag per dataclass field; unset flags stay None so presets win."""
+    group = parser.add_argument_group(title or f"{cls.__name__} overrides")
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        typ = _field_type(cls, f)
+        conv = _parse_bool if typ is bool else typ
+        default = f.default if f.default is not dataclasses.MISSING else None
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None,
+                           metavar=typ.__name__.upper(), help=f"(default: {default!r})")
+
+
+def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` that were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls)
+            if getattr(args, f.name, None) is not None}
+
+

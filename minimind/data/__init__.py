@@ -1,0 +1,1 @@
+"""Data: readers with validation, the built-in demo corpus, and (later) token caches and packing."""

@@ -1,0 +1,84 @@
+"""Readers for the file formats MiniMind accepts, with errors that name the file and line.
+
+JSONL (one JSON object per line) and plain text (one document per line). UTF-8, with a BOM and
+CRLF line endings tolerated; blank lines are skipped. A malformed line raises `DataError` naming
+`FILE:LINE` unless the caller asks to skip and count bad lines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from minimind.errors import DataError
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line ending) for each non-blank line of a UTF-8 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield lineno, line
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each line; a line that is not a JSON object is a DataError."""
+    empty = True
+    for lineno, line in iter_lines(path):
+        empty = False
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+    if empty:
+        raise DataError(f"{path}: file is empty")
+
+
+def record_text(obj: dict[str, Any]) -> str | None:
+    """All trainable text of one record in any MiniMind format (pretrain, SFT, DPO), or None."""
+    if isinstance(obj.get("text"), str):
+        return obj["text"]
+    parts = []
+    for key in ("conversations", "chosen", "rejected"):
+        turns = obj.get(key)
+        if isinstance(turns, list):
+            parts += [t["content"] for t in turns if isinstance(t, dict) and isinstance(t.get("content"), str)]
+        elif isinstance(turns, str):
+            parts.append(turns)
+    if isinstance(obj.get("prompt"), str):
+        parts.append(obj["prompt"])
+    return "\n".join(parts) if parts else None
+
+
+def iter_texts(paths: list[str | Path]) -> Iterator[str]:
+    """Text of every record of every file: `.txt` lines as they are, JSONL via `record_text`."""
+    for path in paths:
+        if str(path).endswith(".txt"):
+            count = 0
+            for _, line in iter_lines(path):
+                count += 1
+                yield line
+            if not count:
+                raise DataError(f"{path}: file is empty")
+            continue
+        for lineno, obj in iter_jsonl(path):
+            text = record_text(obj)
+            if text is None:
+                raise DataError(f"{path}:{lineno}: no text found (expected a string 'text', or "
+                                "'conversations' / 'chosen' / 'rejected' message lists)")
+            yield text

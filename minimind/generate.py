@@ -1,0 +1,272 @@
+"""The sampling engine: one batched, KV-cached generator for chat, eval, RL rollouts and the server.
+
+Prompts of different lengths are left-padded to one length; positions come from the padding mask,
+so a padded prompt sees exactly what it would see alone. The cache is allocated once for prompt +
+new tokens. Each step applies, in order: repetition penalty, temperature, top-k, top-p, then
+samples (or takes the argmax when temperature is 0) and records the log-probability of the chosen
+token under the distribution it was actually drawn from — what RL needs for its ratios.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from minimind.config import ModelConfig
+from minimind.errors import ConfigError
+from minimind.model import KVCache, MiniMind
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.85  # 0: greedy
+    top_p: float = 0.85  # 1: off
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; >1 discourages tokens already in the sequence
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ConfigError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty must be > 0")
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated ids, the stop token included when one ended it
+    logprobs: list[float]  # log p(token) under the distribution sampled from
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class GenerateOutput:
+    generations: list[Generation]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.decode_s, 1e-9)
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """Sampling distribution's logits (B, V), float32. Greedy (temperature 0) skips the shaping."""
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        p = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if params.temperature == 0:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > params.top_p  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids (B,), their log-probs (B,)) from processed logits."""
+    logp = logits.log_softmax(dim=-1)
+    if params.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (B, longest prompt), prompts aligned to the right."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate(model: MiniMind, prompts: list[list[int]], params: SamplingParams,
+             on_token: Callable[[int, int], None] | None = None) -> GenerateOutput:
+    """Continue every prompt; `on_token(row, token_id)` is called as each token is chosen."""
+    params.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    ids, pad_mask = left_pad(prompts, cfg.pad_token_id, device)
+    B, width = ids.shape
+    total = width + params.max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise ConfigError(f"prompt ({width} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                          f"model's max_position_embeddings ({cfg.max_position_embeddings})")
+    padded = bool((pad_mask == 0).any())
+    full_mask = torch.zeros((B, total), dtype=torch.long, device=device)
+    full_mask[:, :width] = pad_mask
+    cache = KVCache(cfg, B, total, device, dtype)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, pad_mask.bool())
+    stop = torch.tensor(params.stop_ids or (-1,), device=device)
+
+    out_tokens = torch.full((B, params.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros((B, params.max_new_tokens), dtype=torch.float32, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), params.max_new_tokens, dtype=torch.long, device=device)
+
+    t0 = time.perf_counter()
+    logits = model(ids, attention_mask=pad_mask if padded else None, cache=cache, logits_to_keep=1).logits[:, -1]
+    t_prefill = time.perf_counter()
+    for step in range(params.max_new_tokens):
+        tokens, logp = sample(process_logits(logits, params, seen), params, generator)
+        tokens = torch.where(done, cfg.pad_token_id, tokens)
+        out_tokens[:, step], out_logp[:, step] = tokens, logp
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], ~done[:, None])
+        hit = torch.isin(tokens, stop) & ~done
+        lengths = torch.where(hit, step + 1, lengths)
+        if on_token is not None:
+            for row, (tok, was_done) in enumerate(zip(tokens.tolist(), done.tolist())):
+                if not was_done:
+                    on_token(row, tok)
+        done = done | hit
+        # Checking for the end costs a host sync: do it every step only when already syncing.
+        if (on_token is not None or step % 8 == 7) and bool(done.all()):
+            break
+        if step + 1 == params.max_new_tokens:
+            break
+        full_mask[:, width + step] = 1
+        logits = model(tokens[:, None], attention_mask=full_mask[:, :width + step + 1] if padded else None,
+                       cache=cache).logits[:, -1]
+    t_end = time.perf_counter()
+
+    lengths_l, done_l = lengths.tolist(), done.tolist()
+    toks, lps = out_tokens.tolist(), out_logp.tolist()
+    gens = [Generation(toks[i][:lengths_l[i]], lps[i][:lengths_l[i]], "stop" if done_l[i] else "length")
+            for i in range(B)]
+    return GenerateOutput(gens, prompt_tokens=sum(len(p) for p in prompts),
+                          new_tokens=sum(len(g.tokens) for g in gens),
+                          prefill_s=t_prefill - t0, decode_s=t_end - t_prefill)
+
+
+# ---- CLI: minimind generate RUN_DIR --prompt TEXT [...] ---------------------------------------
+
+
+def add_sampling_arguments(p: Any, defaults: SamplingParams | None = None) -> None:
+    """Sampling flags shared by generate, chat and eval."""
+    d = defaults or SamplingParams()
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling; 1 = off")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    g.add_argument("--rope-scaling", choices=["none", "yarn"], default=None,
+                   help="override the run's RoPE scaling at inference (yarn extends the context)")
+    g.add_argument("--rope-factor", type=float, default=None, help="YaRN factor, e.g. 4")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+
+
+def sampling_params(args: Any, stop_ids: tuple[int, ...]) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop_ids=stop_ids,
+                          seed=args.seed)
+
+
+def rope_overrides(args: Any, cfg: ModelConfig) -> dict[str, Any]:
+    """Config overrides for --rope-scaling / --rope-factor (a factor alone implies yarn).
+
+    With YaRN on, the position table grows to original_max_position_embeddings * factor, the
+    context YaRN is meant to reach.
+    """
+    out: dict[str, Any] = {}
+    if args.rope_scaling is not None:
+        out["rope_scaling"] = "" if args.rope_scaling == "none" else args.rope_scaling
+    if args.rope_factor is not None:
+        out["rope_factor"] = args.rope_factor
+        out.setdefault("rope_scaling", "yarn")
+    if out.get("rope_scaling") == "yarn":
+        reach = int(cfg.rope_original_max_position_embeddings * out.get("rope_factor", cfg.rope_factor))
+        out["max_position_embeddings"] = max(cfg.max_position_embeddings, reach)
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", required=True, help="text to continue (or a user message with --chat)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--num", type=int, default=1, help="generate this many continuations in one batch")
+    add_sampling_arguments(p)
+
+
+def main(args: Any) -> None:
+    from minimind.checkpoint import load_config, load_run
+    from minimind.tokenizer import StreamDecoder
+
+    overrides = rope_overrides(args, load_config(args.run_dir))
+    run = load_run(args.run_dir, device=resolve_device(args.device), **overrides)
+    tok = run.tokenizer
+    if args.chat:
+        prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        prompt_ids = [tok.bos_id] + tok.encode(args.prompt)
+    params = sampling_params(args, tok.stop_ids)
+    decoders = [StreamDecoder(tok) for _ in range(args.num)]
+    stream = args.stream and args.num == 1
+
+    def on_token(row: int, token: int) -> None:
+        if token not in params.stop_ids:
+            print(decoders[row].push(token), end="", flush=True)
+
+    if stream:
+        print(args.prompt, end="", flush=True)
+    out = generate(run.model, [prompt_ids] * args.num, params, on_token=on_token if stream else None)
+    if stream:
+        print(decoders[0].flush())
+    else:
+        for i, g in enumerate(out.generations):
+            header = f"--- sample {i + 1} ({g.finish_reason}) ---\n" if args.num > 1 else ""
+            text = tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
+            print(header + args.prompt + text)
+    print(f"[{out.new_tokens} tokens, prefill {out.prefill_s * 1000:.0f} ms, "
+          f"decode {out.decode_tokens_per_s:.1f} tokens/s]")
