@@ -58,6 +58,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
     atomic_write(path, write)
 
 
@@ -87,11 +88,17 @@ def load_weights(model: MiniMind, path: str | Path) -> None:
     expected = model.state_dict()
     names = set(weight_names(model))
     missing, extra = sorted(names - tensors.keys()), sorted(tensors.keys() - names)
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k].shape)})"
-             for k in sorted(names & tensors.keys()) if tensors[k].shape != expected[k].shape]
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in sorted(names & tensors.keys())
+        if tensors[k].shape != expected[k].shape
+    ]
     if missing or extra or wrong:
-        parts = [f"missing tensors {missing}" if missing else "", f"unexpected tensors {extra}" if extra else "",
-                 f"wrong shapes {wrong}" if wrong else ""]
+        parts = [
+            f"missing tensors {missing}" if missing else "",
+            f"unexpected tensors {extra}" if extra else "",
+            f"wrong shapes {wrong}" if wrong else "",
+        ]
         raise CheckpointError(f"{path}: does not match config.json: " + "; ".join(p for p in parts if p))
     if model.cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
@@ -121,8 +128,9 @@ def load_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -135,8 +143,12 @@ def save_run(run_dir: str | Path, model: MiniMind, tokenizer: Tokenizer, info: d
     save_weights(model, run_dir / WEIGHTS)
     save_config(model.cfg, run_dir)
     tokenizer.save(run_dir)
-    record = {"minimind_version": __version__, "git_commit": git_commit(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    record = {
+        "minimind_version": __version__,
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **info,
+    }
     atomic_write_text(run_dir / RUN_INFO, json.dumps(record, indent=2, ensure_ascii=False))
 
 
@@ -163,8 +175,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **config_o
     load_weights(model, run_dir / WEIGHTS)
     tokenizer = Tokenizer.load(run_dir)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model only "
-                              f"{cfg.vocab_size} embeddings")
+        raise CheckpointError(
+            f"{run_dir}: tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size} embeddings"
+        )
     info_path = run_dir / RUN_INFO
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     return Run(model.to(device).eval(), tokenizer, info)
@@ -180,35 +193,58 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory or tokenizer.json")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--seed", type=int, default=42)
-    add_dataclass_args(p, ModelConfig, skip=("pad_token_id", "bos_token_id", "eos_token_id"),
-                       title="model overrides (on top of the preset)")
+    add_dataclass_args(
+        p,
+        ModelConfig,
+        skip=("pad_token_id", "bos_token_id", "eos_token_id"),
+        title="model overrides (on top of the preset)",
+    )
 
 
-def init_run(preset_name: str, tokenizer: Tokenizer, out: str | Path, seed: int = 42,
-             **overrides: Any) -> MiniMind:
+def init_run(preset_name: str, tokenizer: Tokenizer, out: str | Path, seed: int = 42, **overrides: Any) -> MiniMind:
     """A freshly initialised run directory: the preset's model sized to the tokenizer."""
     from minimind.config import preset
 
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
     if overrides["vocab_size"] < tokenizer.vocab_size:
-        raise CheckpointError(f"vocab_size {overrides['vocab_size']} is smaller than the tokenizer's "
-                              f"{tokenizer.vocab_size} ids")
-    cfg = preset(preset_name, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
-                 eos_token_id=tokenizer.eos_id, **overrides)
+        raise CheckpointError(
+            f"vocab_size {overrides['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size} ids"
+        )
+    cfg = preset(
+        preset_name,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        **overrides,
+    )
     torch.manual_seed(seed)
     model = MiniMind(cfg)
-    save_run(out, model, tokenizer, {"stage": "init", "parent": None, "preset": preset_name, "seed": seed,
-                                     "tokenizer": tokenizer.source, "overrides": overrides})
+    save_run(
+        out,
+        model,
+        tokenizer,
+        {
+            "stage": "init",
+            "parent": None,
+            "preset": preset_name,
+            "seed": seed,
+            "tokenizer": tokenizer.source,
+            "overrides": overrides,
+        },
+    )
     return model
 
 
 def main(args: Any) -> None:
     from minimind.config import dataclass_overrides
 
-    model = init_run(args.preset, Tokenizer.load(args.tokenizer), args.out, args.seed,
-                     **dataclass_overrides(args, ModelConfig))
+    model = init_run(
+        args.preset, Tokenizer.load(args.tokenizer), args.out, args.seed, **dataclass_overrides(args, ModelConfig)
+    )
     c = model.cfg
     active = f", {model.num_params(active=True) / 1e6:.2f}M active" if c.use_moe else ""
-    print(f"initialised {args.preset}: {model.num_params() / 1e6:.2f}M parameters{active} "
-          f"({c.num_layers} layers x {c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}) "
-          f"-> {args.out}")
+    print(
+        f"initialised {args.preset}: {model.num_params() / 1e6:.2f}M parameters{active} "
+        f"({c.num_layers} layers x {c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}) "
+        f"-> {args.out}"
+    )

@@ -87,8 +87,10 @@ class ModelConfig:
             if self.norm_topk_prob and self.num_experts_per_tok == 1:
                 # Renormalising a single weight makes it exactly 1: the router would get no gradient
                 # from the language-model loss (a bug upstream MiniMind shipped).
-                problems.append("norm_topk_prob with num_experts_per_tok=1 fixes the routing weight at 1 and "
-                                "starves the router of gradient; set --norm-topk-prob false")
+                problems.append(
+                    "norm_topk_prob with num_experts_per_tok=1 fixes the routing weight at 1 and "
+                    "starves the router of gradient; set --norm-topk-prob false"
+                )
         if self.vocab_size <= max(self.pad_token_id, self.bos_token_id, self.eos_token_id):
             problems.append(f"vocab_size ({self.vocab_size}) is smaller than the special token ids")
         if problems:
@@ -110,19 +112,54 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Upstream MiniMind2 family (rms eps 1e-5, no q/k norm).
     "minimind2-small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2),  # 25.83M
     "minimind2": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2),  # 104.03M
-    "minimind2-moe": dict(hidden_size=640, num_layers=8, num_heads=8, num_kv_heads=2, use_moe=True,
-                          num_experts=4, num_experts_per_tok=2, num_shared_experts=1),  # 145.03M
+    "minimind2-moe": dict(
+        hidden_size=640,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=2,
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+    ),  # 145.03M
     # Upstream minimind-3 family (q/k norm, 4 kv heads, FFN ceil(pi * d / 64) * 64).
-    "minimind3": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, qk_norm=True,
-                      intermediate_size=2432, rms_norm_eps=1e-6),  # 63.91M
-    "minimind3-moe": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, qk_norm=True,
-                          intermediate_size=2432, rms_norm_eps=1e-6, use_moe=True, num_experts=4,
-                          num_experts_per_tok=1, num_shared_experts=0, norm_topk_prob=False),  # 198.42M
+    "minimind3": dict(
+        hidden_size=768,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        qk_norm=True,
+        intermediate_size=2432,
+        rms_norm_eps=1e-6,
+    ),  # 63.91M
+    "minimind3-moe": dict(
+        hidden_size=768,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        qk_norm=True,
+        intermediate_size=2432,
+        rms_norm_eps=1e-6,
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=1,
+        num_shared_experts=0,
+        norm_topk_prob=False,
+    ),  # 198.42M
     # Small enough to train on a laptop CPU in minutes: tests and the demo.
     "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=4096),
-    "tiny-moe": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=4096,
-                     use_moe=True, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
-                     intermediate_size=256),
+    "tiny-moe": dict(
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=4096,
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        intermediate_size=256,
+    ),
 }
 
 
@@ -153,8 +190,9 @@ def _field_type(cls: type, f: dataclasses.Field) -> type:
     return hint
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                       title: str | None = None) -> None:
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), title: str | None = None
+) -> None:
     """Add one optional flag per dataclass field; unset flags stay None so presets win."""
     group = parser.add_argument_group(title or f"{cls.__name__} overrides")
     for f in fields(cls):
@@ -163,13 +201,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         typ = _field_type(cls, f)
         conv = _parse_bool if typ is bool else typ
         default = f.default if f.default is not dataclasses.MISSING else None
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None,
-                           metavar=typ.__name__.upper(), help=f"(default: {default!r})")
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=conv,
+            default=None,
+            metavar=typ.__name__.upper(),
+            help=f"(default: {default!r})",
+        )
 
 
 def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of `cls` that were given on the command line."""
-    return {f.name: getattr(args, f.name) for f in fields(cls)
-            if getattr(args, f.name, None) is not None}
-
-
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}

@@ -85,8 +85,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids (B,), their log-probs (B,)) from processed logits."""
     logp = logits.log_softmax(dim=-1)
     if params.temperature == 0:
@@ -102,14 +103,18 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
-def generate(model: MiniMind, prompts: list[list[int]], params: SamplingParams,
-             on_token: Callable[[int, int], None] | None = None) -> GenerateOutput:
+def generate(
+    model: MiniMind,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    on_token: Callable[[int, int], None] | None = None,
+) -> GenerateOutput:
     """Continue every prompt; `on_token(row, token_id)` is called as each token is chosen."""
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -121,8 +126,10 @@ def generate(model: MiniMind, prompts: list[list[int]], params: SamplingParams,
     B, width = ids.shape
     total = width + params.max_new_tokens
     if total > cfg.max_position_embeddings:
-        raise ConfigError(f"prompt ({width} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                          f"model's max_position_embeddings ({cfg.max_position_embeddings})")
+        raise ConfigError(
+            f"prompt ({width} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"model's max_position_embeddings ({cfg.max_position_embeddings})"
+        )
     padded = bool((pad_mask == 0).any())
     full_mask = torch.zeros((B, total), dtype=torch.long, device=device)
     full_mask[:, :width] = pad_mask
@@ -163,17 +170,23 @@ def generate(model: MiniMind, prompts: list[list[int]], params: SamplingParams,
         if step + 1 == params.max_new_tokens:
             break
         full_mask[:, width + step] = 1
-        logits = model(tokens[:, None], attention_mask=full_mask[:, :width + step + 1] if padded else None,
-                       cache=cache).logits[:, -1]
+        logits = model(
+            tokens[:, None], attention_mask=full_mask[:, : width + step + 1] if padded else None, cache=cache
+        ).logits[:, -1]
     t_end = time.perf_counter()
 
     lengths_l, done_l = lengths.tolist(), done.tolist()
     toks, lps = out_tokens.tolist(), out_logp.tolist()
-    gens = [Generation(toks[i][:lengths_l[i]], lps[i][:lengths_l[i]], "stop" if done_l[i] else "length")
-            for i in range(B)]
-    return GenerateOutput(gens, prompt_tokens=sum(len(p) for p in prompts),
-                          new_tokens=sum(len(g.tokens) for g in gens),
-                          prefill_s=t_prefill - t0, decode_s=t_end - t_prefill)
+    gens = [
+        Generation(toks[i][: lengths_l[i]], lps[i][: lengths_l[i]], "stop" if done_l[i] else "length") for i in range(B)
+    ]
+    return GenerateOutput(
+        gens,
+        prompt_tokens=sum(len(p) for p in prompts),
+        new_tokens=sum(len(g.tokens) for g in gens),
+        prefill_s=t_prefill - t0,
+        decode_s=t_end - t_prefill,
+    )
 
 
 # ---- CLI: minimind generate RUN_DIR --prompt TEXT [...] ---------------------------------------
@@ -189,16 +202,26 @@ def add_sampling_arguments(p: Any, defaults: SamplingParams | None = None) -> No
     g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
     g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
     g.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
-    g.add_argument("--rope-scaling", choices=["none", "yarn"], default=None,
-                   help="override the run's RoPE scaling at inference (yarn extends the context)")
+    g.add_argument(
+        "--rope-scaling",
+        choices=["none", "yarn"],
+        default=None,
+        help="override the run's RoPE scaling at inference (yarn extends the context)",
+    )
     g.add_argument("--rope-factor", type=float, default=None, help="YaRN factor, e.g. 4")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
 
 def sampling_params(args: Any, stop_ids: tuple[int, ...]) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop_ids=stop_ids,
-                          seed=args.seed)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop_ids=stop_ids,
+        seed=args.seed,
+    )
 
 
 def rope_overrides(args: Any, cfg: ModelConfig) -> dict[str, Any]:
@@ -268,5 +291,7 @@ def main(args: Any) -> None:
             header = f"--- sample {i + 1} ({g.finish_reason}) ---\n" if args.num > 1 else ""
             text = tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
             print(header + args.prompt + text)
-    print(f"[{out.new_tokens} tokens, prefill {out.prefill_s * 1000:.0f} ms, "
-          f"decode {out.decode_tokens_per_s:.1f} tokens/s]")
+    print(
+        f"[{out.new_tokens} tokens, prefill {out.prefill_s * 1000:.0f} ms, "
+        f"decode {out.decode_tokens_per_s:.1f} tokens/s]"
+    )

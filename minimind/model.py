@@ -86,8 +86,10 @@ class RotaryEmbedding(nn.Module):
             t = torch.arange(self.max_positions, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
-            self._tables[device] = ((emb.cos() * self.attention_factor).to(device),
-                                    (emb.sin() * self.attention_factor).to(device))
+            self._tables[device] = (
+                (emb.cos() * self.attention_factor).to(device),
+                (emb.sin() * self.attention_factor).to(device),
+            )
         cos, sin = self._tables[device]
         return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)  # (B, 1, T, head_dim)
 
@@ -114,8 +116,14 @@ class KVCache:
     number of positions filled (the same for every row: prompts are left-padded to one length).
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -129,8 +137,9 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def build_attention_mask(seq_len: int, past: int, padding_mask: torch.Tensor | None,
-                   segment_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+def build_attention_mask(
+    seq_len: int, past: int, padding_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
     """Boolean SDPA mask (True = may attend), or None when plain causal attention is exact.
 
     Query i (absolute position past + i) sees key j when j <= past + i, the key is not padding,
@@ -153,8 +162,9 @@ def build_attention_mask(seq_len: int, past: int, padding_mask: torch.Tensor | N
     return mask | (k_pos == q_pos)[None, None]
 
 
-def positions_from(seq_len: int, past: int, padding_mask: torch.Tensor | None,
-                   segment_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def positions_from(
+    seq_len: int, past: int, padding_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
     """Position ids: count of real tokens before each one (left padding), restarting per document."""
     if padding_mask is not None:
         return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -184,8 +194,9 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -197,9 +208,15 @@ class Attention(nn.Module):
         causal = mask is None and (cache is None or cache.length == 0)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -236,10 +253,12 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k, self.num_experts, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.num_experts, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(cfg.hidden_size, cfg.moe_intermediate_size)
-                                     for _ in range(cfg.num_experts))
-        self.shared_experts = nn.ModuleList(FeedForward(cfg.hidden_size, cfg.moe_intermediate_size)
-                                            for _ in range(cfg.num_shared_experts))
+        self.experts = nn.ModuleList(
+            FeedForward(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
+        )
+        self.shared_experts = nn.ModuleList(
+            FeedForward(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_shared_experts)
+        )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routing probabilities (N, E), chosen weights (N, k) and chosen experts (N, k)."""
@@ -277,8 +296,9 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.use_moe else FeedForward(cfg.hidden_size, cfg.intermediate_size)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h = h + self.resid_dropout(self.self_attn(self.input_layernorm(h), cos, sin, mask, cache))
         out = self.mlp(self.post_attention_layernorm(h))
         out, aux = out if isinstance(out, tuple) else (out, h.new_zeros((), dtype=torch.float32))
@@ -314,14 +334,25 @@ class MiniMind(nn.Module):
         """N(0, 0.02) for every matrix; residual output projections scaled by 1/sqrt(2 * layers)."""
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * self.cfg.num_layers)
+                    if name.endswith(("o_proj.weight", "down_proj.weight"))
+                    else 0.02
+                )
                 nn.init.normal_(p, mean=0.0, std=std)
             else:
                 nn.init.ones_(p)
 
-    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
         """Logits for `input_ids` (B, T).
 
         attention_mask: (B, past + T), 1 for real tokens, 0 for (left) padding, covering the cached

@@ -21,20 +21,30 @@ from typing import Any
 
 import jinja2
 import jinja2.sandbox
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from minimind.errors import ConfigError, DataError
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>",
-        "<tool_response>", "</tool_response>"]
+TAGS = [
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]
 RESERVED = [f"<|reserved_{i}|>" for i in range(5)]
 SPECIAL_TOKENS = [PAD, BOS, EOS] + TAGS + RESERVED  # ids 0..15
 
 # Qwen2's split: contractions, letter runs, single digits, punctuation runs, newlines, spaces.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # ChatML. enable_thinking: true opens a <think> block for the reply, false inserts an empty one
 # (the model answers directly), undefined leaves the choice to the model.
@@ -72,12 +82,17 @@ class Tokenizer:
         ids = {tok: backend.token_to_id(tok) for tok in (PAD, BOS, EOS)}
         missing = [tok for tok, i in ids.items() if i is None]
         if missing:
-            raise ConfigError(f"{source or 'tokenizer'}: lacks the ChatML tokens {missing} "
-                              "(a MiniMind tokenizer needs <|endoftext|>, <|im_start|>, <|im_end|>)")
+            raise ConfigError(
+                f"{source or 'tokenizer'}: lacks the ChatML tokens {missing} "
+                "(a MiniMind tokenizer needs <|endoftext|>, <|im_start|>, <|im_end|>)"
+            )
         self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
         # Tags that are single tokens here; upstream's MiniMind2 tokenizer has none of them.
-        self.tag_ids = {t: i for t in TAGS if (i := backend.token_to_id(t)) is not None
-                        and backend.encode(t, add_special_tokens=False).ids == [i]}
+        self.tag_ids = {
+            t: i
+            for t in TAGS
+            if (i := backend.token_to_id(t)) is not None and backend.encode(t, add_special_tokens=False).ids == [i]
+        }
 
     @property
     def vocab_size(self) -> int:
@@ -99,17 +114,20 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
-                    enable_thinking: bool | None = None) -> str:
+    def render_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, enable_thinking: bool | None = None
+    ) -> str:
         """The conversation as ChatML text (the template's output, before tokenization)."""
         kwargs: dict[str, Any] = {}
         if enable_thinking is not None:
             kwargs["enable_thinking"] = kwargs["open_thinking"] = enable_thinking  # ours / upstream's name
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=BOS, eos_token=EOS, **kwargs)
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS, **kwargs
+        )
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
-                    enable_thinking: bool | None = None) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, enable_thinking: bool | None = None
+    ) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt, enable_thinking))
 
     # ---- files -------------------------------------------------------------------------------
@@ -124,12 +142,26 @@ class Tokenizer:
         added = self.backend.get_added_tokens_decoder()
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD,
-            "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
-            "clean_up_tokenization_spaces": False, "model_max_length": 32768,
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "unk_token": PAD,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 32768,
             "added_tokens_decoder": {
-                str(i): {"content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip, "normalized": t.normalized,
-                         "single_word": t.single_word, "special": t.special} for i, t in sorted(added.items())},
+                str(i): {
+                    "content": t.content,
+                    "lstrip": t.lstrip,
+                    "rstrip": t.rstrip,
+                    "normalized": t.normalized,
+                    "single_word": t.single_word,
+                    "special": t.special,
+                }
+                for i, t in sorted(added.items())
+            },
             "chat_template": self.chat_template,
         }
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))
@@ -157,16 +189,21 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int = 6400) -> Tokenizer:
         """Byte-level BPE with `vocab_size` ids in all, the special tokens included."""
         if vocab_size < len(SPECIAL_TOKENS) + 256:
-            raise ConfigError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} "
-                              "(special tokens + 256 bytes)")
+            raise ConfigError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (special tokens + 256 bytes)")
         backend = HFTokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         count = 0
 
         def counted() -> Iterable[str]:
@@ -178,9 +215,12 @@ class Tokenizer:
         backend.train_from_iterator(counted(), trainer)
         if count == 0:
             raise DataError("no text to train the tokenizer on")
-        # Tags stay single tokens but are not "special": decoding keeps them visible.
-        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
-        return cls(backend, CHAT_TEMPLATE, source="trained")
+        # Tags stay single tokens but are not "special", so decoding keeps them visible. The trainer
+        # made every reserved token special; rebuilding from the edited JSON resets that cleanly.
+        data = json.loads(backend.to_str())
+        for entry in data["added_tokens"]:
+            entry["special"] = entry["content"] not in TAGS
+        return cls(HFTokenizer.from_str(json.dumps(data)), CHAT_TEMPLATE, source="trained")
 
 
 class StreamDecoder:
@@ -212,8 +252,13 @@ class StreamDecoder:
 
 
 def add_arguments(p: Any) -> None:
-    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                   help="training text: .jsonl (pretrain/SFT/DPO records) or .txt (one document per line)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="training text: .jsonl (pretrain/SFT/DPO records) or .txt (one document per line)",
+    )
     p.add_argument("--vocab-size", type=int, default=6400, help="ids in all, special tokens included")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json + tokenizer_config.json")
 

@@ -16,10 +16,22 @@ NAMES = ["Mia", "Leo", "Ada", "Tom", "Zoe", "Sam", "Ivy", "Max", "Eva", "Ben", "
 ZH_NAMES = ["小明", "小红", "小刚", "小丽", "阿强", "小芳", "大伟", "小雪", "阿杰", "小云", "小兰", "阿亮"]
 TOWNS = ["Oakvale", "Riverton", "Sunhill", "Pinewood", "Lakeside", "Stonebridge"]
 ZH_TOWNS = ["橡树镇", "河湾城", "太阳山", "松林村", "湖畔镇", "石桥村"]
-ANIMALS = [("cat", "猫", "fish", "鱼"), ("dog", "狗", "meat", "肉"), ("rabbit", "兔子", "carrots", "胡萝卜"),
-           ("horse", "马", "hay", "干草"), ("bird", "鸟", "seeds", "种子"), ("cow", "牛", "grass", "草")]
-COLORS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"), ("white", "白色"),
-          ("black", "黑色")]
+ANIMALS = [
+    ("cat", "猫", "fish", "鱼"),
+    ("dog", "狗", "meat", "肉"),
+    ("rabbit", "兔子", "carrots", "胡萝卜"),
+    ("horse", "马", "hay", "干草"),
+    ("bird", "鸟", "seeds", "种子"),
+    ("cow", "牛", "grass", "草"),
+]
+COLORS = [
+    ("red", "红色"),
+    ("blue", "蓝色"),
+    ("green", "绿色"),
+    ("yellow", "黄色"),
+    ("white", "白色"),
+    ("black", "黑色"),
+]
 THINGS = [("apple", "苹果"), ("sky", "天空"), ("leaf", "叶子"), ("sun", "太阳"), ("snow", "雪"), ("night", "夜晚")]
 THING_COLOR = {"apple": 0, "sky": 1, "leaf": 2, "sun": 3, "snow": 4, "night": 5}
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -41,19 +53,35 @@ class World:
             i = rng.randrange(len(NAMES))
             animal = ANIMALS[self.pet[i]]
             if kind == 0:
-                out.append(rng.choice([f"{NAMES[i]} lives in {TOWNS[self.home[i]]}.",
-                                       f"{ZH_NAMES[i]}住在{ZH_TOWNS[self.home[i]]}。"]))
+                out.append(
+                    rng.choice(
+                        [f"{NAMES[i]} lives in {TOWNS[self.home[i]]}.", f"{ZH_NAMES[i]}住在{ZH_TOWNS[self.home[i]]}。"]
+                    )
+                )
             elif kind == 1:
-                out.append(rng.choice([f"{NAMES[i]} has a {animal[0]}. The {animal[0]} eats {animal[2]}.",
-                                       f"{ZH_NAMES[i]}养了一只{animal[1]}。{animal[1]}吃{animal[3]}。"]))
+                out.append(
+                    rng.choice(
+                        [
+                            f"{NAMES[i]} has a {animal[0]}. The {animal[0]} eats {animal[2]}.",
+                            f"{ZH_NAMES[i]}养了一只{animal[1]}。{animal[1]}吃{animal[3]}。",
+                        ]
+                    )
+                )
             elif kind == 2:
                 thing = rng.choice(THINGS)
                 color = COLORS[THING_COLOR[thing[0]]]
                 out.append(rng.choice([f"The {thing[0]} is {color[0]}.", f"{thing[1]}是{color[1]}的。"]))
             elif kind == 3:
                 a, b = rng.randint(0, 5), rng.randint(0, 5)
-                out.append(rng.choice([f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
-                                       f"{a} + {b} = {a + b}.", f"{a}加{b}等于{a + b}。"]))
+                out.append(
+                    rng.choice(
+                        [
+                            f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
+                            f"{a} + {b} = {a + b}.",
+                            f"{a}加{b}等于{a + b}。",
+                        ]
+                    )
+                )
             else:
                 a, b = rng.randint(10, 60), rng.randint(1, 39)
                 out.append(rng.choice([f"{a} + {b} = {a + b}.", f"{a + b} - {b} = {a}."]))

@@ -79,6 +79,8 @@ def iter_texts(paths: list[str | Path]) -> Iterator[str]:
         for lineno, obj in iter_jsonl(path):
             text = record_text(obj)
             if text is None:
-                raise DataError(f"{path}:{lineno}: no text found (expected a string 'text', or "
-                                "'conversations' / 'chosen' / 'rejected' message lists)")
+                raise DataError(
+                    f"{path}:{lineno}: no text found (expected a string 'text', or "
+                    "'conversations' / 'chosen' / 'rejected' message lists)"
+                )
             yield text
