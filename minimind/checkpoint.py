@@ -70,10 +70,11 @@ def weight_names(model: MiniMind) -> list[str]:
     return names
 
 
-def save_weights(model: MiniMind, path: str | Path) -> None:
+def save_weights(model: MiniMind, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     state = model.state_dict()
     tensors = {k: state[k].detach().contiguous().cpu() for k in weight_names(model)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "minimind": __version__}))
+    meta = {"format": "pt", "minimind": __version__, **(metadata or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_weights(model: MiniMind, path: str | Path) -> None:
@@ -136,11 +137,12 @@ def git_commit() -> str | None:
         return None
 
 
-def save_run(run_dir: str | Path, model: MiniMind, tokenizer: Tokenizer, info: dict[str, Any]) -> None:
+def save_run(run_dir: str | Path, model: MiniMind, tokenizer: Tokenizer, info: dict[str, Any],
+             weights_metadata: dict[str, str] | None = None) -> None:
     """Write a complete run directory (weights, config, tokenizer, provenance)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(model, run_dir / WEIGHTS)
+    save_weights(model, run_dir / WEIGHTS, weights_metadata)
     save_config(model.cfg, run_dir)
     tokenizer.save(run_dir)
     record = {

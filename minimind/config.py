@@ -214,3 +214,79 @@ def add_dataclass_args(
 def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of `cls` that were given on the command line."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+@dataclass
+class TrainConfig:
+    """Options of the training engine, shared by every stage (stages add their own on top)."""
+
+    out: str = ""
+    max_seq_len: int = 512
+    batch_size: int = 32  # rows per micro-batch per process
+    accumulation: int = 8  # micro-batches per optimizer step
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = -1  # -1: 1% of the steps, at least 1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    epochs: int = 1
+    max_steps: int = 0  # 0: as many as `epochs` passes over the data take
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
+    compile: bool = False
+    grad_checkpointing: bool = False
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    resume: bool = False
+    doc_mask: bool = False  # keep attention inside each packed document
+    skip_bad_lines: bool = False
+    cache_dir: str = ""
+    wandb: bool = False
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ConfigError("--out RUN_DIR is required")
+        for name in ("max_seq_len", "batch_size", "accumulation", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("lr must be positive")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """Flags from a YAML file (keys as on the command line, with - or _)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_options(args: argparse.Namespace, cls: type) -> Any:
+    """cls(defaults < YAML from --config < flags given explicitly)."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        yaml_values = load_yaml_config(args.config)
+        known = {f.name for f in fields(cls)} | set(vars(args))
+        unknown = sorted(set(yaml_values) - known)
+        if unknown:
+            raise ConfigError(f"{args.config}: unknown options {unknown}")
+        values.update({k: v for k, v in yaml_values.items() if k in {f.name for f in fields(cls)}})
+        for k, v in yaml_values.items():  # stage options (e.g. data, preset) that are not in cls
+            if getattr(args, k, None) in (None, False, []):
+                setattr(args, k, v)
+    values.update(dataclass_overrides(args, cls))
+    return cls(**values)

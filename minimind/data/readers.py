@@ -33,18 +33,23 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each line; a line that is not a JSON object is a DataError."""
+def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each line. A line that is not a JSON object is a DataError, or,
+    when a `skipped` list is given, its message is appended there and reading goes on."""
     empty = True
     for lineno, line in iter_lines(path):
         empty = False
         try:
             obj = json.loads(line)
+            problem = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        yield lineno, obj
+            problem = f"invalid JSON ({e.msg} at column {e.colno})"
+        if problem is None:
+            yield lineno, obj
+        elif skipped is None:
+            raise DataError(f"{path}:{lineno}: {problem}")
+        else:
+            skipped.append(f"{path}:{lineno}: {problem}")
     if empty:
         raise DataError(f"{path}: file is empty")
 

@@ -1,0 +1,87 @@
+"""Pretraining: next-token prediction on packed documents.
+
+    data:  text files -> cached token stream -> rows of max_seq_len tokens (no padding)
+    model: a fresh preset (or the run being resumed)
+    loss:  -sum_t log p(x_t | x_<t) / tokens  (+ MoE balance loss)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from minimind.checkpoint import load_config
+from minimind.config import PRESETS, ModelConfig, TrainConfig, add_dataclass_args, merge_options, preset
+from minimind.data.packing import PackedRows
+from minimind.data.tokens import tokenize_files
+from minimind.engine import Trainer, evaluate_loss
+from minimind.errors import ConfigError
+from minimind.model import MiniMind
+from minimind.tokenizer import Tokenizer
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--data", nargs="+", metavar="FILE", help=".jsonl ({\"text\": ...} per line) or .txt files")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory or tokenizer.json")
+    p.add_argument("--preset", choices=list(PRESETS), help="model shape (not needed with --resume)")
+    p.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out text: loss before and after")
+    p.add_argument("--config", metavar="FILE.yaml", help="options from YAML; flags given here win")
+    add_dataclass_args(p, TrainConfig, title="training")
+    add_dataclass_args(p, ModelConfig, skip=("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id",
+                                              "max_position_embeddings"), title="model overrides (new runs)")
+
+
+def main(args: Any) -> None:
+    cfg: TrainConfig = merge_options(args, TrainConfig)
+    cfg.validate()
+    if not args.data:
+        raise ConfigError("--data FILE [FILE...] is required")
+    out = Path(cfg.out)
+    if cfg.resume:
+        tokenizer = Tokenizer.load(out)
+        model = MiniMind(load_config(out))
+    else:
+        if not args.tokenizer or not args.preset:
+            raise ConfigError("--tokenizer and --preset are required for a new run (or --resume an existing one)")
+        if (out / "train_state.pt").exists():
+            raise ConfigError(f"{out} already holds a training run; use --resume to continue it or another --out")
+        tokenizer = Tokenizer.load(args.tokenizer)
+        from minimind.config import dataclass_overrides
+
+        overrides = {k: v for k, v in dataclass_overrides(args, ModelConfig).items() if k != "max_position_embeddings"}
+        model_cfg = preset(args.preset, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                           bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                           **{"max_position_embeddings": max(PRESETS[args.preset].get("max_position_embeddings",
+                                                                                      32768), cfg.max_seq_len)},
+                           **overrides)
+        import torch
+
+        torch.manual_seed(cfg.seed)
+        model = MiniMind(model_cfg)
+    if cfg.max_seq_len > model.cfg.max_position_embeddings:
+        raise ConfigError(f"max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
+                          f"({model.cfg.max_position_embeddings})")
+    tokens = tokenize_files(args.data, tokenizer, cfg.cache_dir or None, cfg.skip_bad_lines)
+    print(f"data: {tokens.num_documents:,} documents, {len(tokens.tokens):,} tokens "
+          f"({'reused cache' if tokens.reused else 'tokenized'} {tokens.path.name})")
+    for message in tokens.skipped[:5]:
+        print(f"  skipped {message}", file=sys.stderr)
+    if tokens.skipped:
+        print(f"  skipped {len(tokens.skipped)} bad lines in all (--skip-bad-lines)", file=sys.stderr)
+    rows = PackedRows(tokens.tokens, tokens.offsets, cfg.max_seq_len, cfg.doc_mask)
+    info = {"stage": "pretrain", "parent": None, "preset": args.preset, "data": [str(p) for p in args.data],
+            "tokenizer": tokenizer.source, "seed": cfg.seed}
+    trainer = Trainer(cfg, model, tokenizer, rows, info)
+    eval_rows = None
+    if args.eval_data:
+        held = tokenize_files(args.eval_data, tokenizer, cfg.cache_dir or None)
+        eval_rows = PackedRows(held.tokens, held.offsets, cfg.max_seq_len, cfg.doc_mask)
+        if trainer.rank == 0:
+            print(f"held-out loss before: {evaluate_loss(trainer.model, eval_rows):.4f}")
+    result = trainer.fit()
+    if trainer.rank == 0:
+        print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
+              f"({result.tokens_per_s:,.0f} tok/s), final loss {result.final_loss:.4f} -> {out}")
+        if eval_rows is not None:
+            print(f"held-out loss after: {evaluate_loss(trainer.model, eval_rows):.4f}")

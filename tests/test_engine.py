@@ -1,0 +1,147 @@
+"""The training engine: learning, exact resume, accumulation and DDP invariance, the NaN guard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minimind.config import ModelConfig, TrainConfig
+from minimind.data.demo import write_demo_data
+from minimind.data.packing import PackedRows
+from minimind.data.tokens import tokenize_files
+from minimind.engine import Trainer, TrainingError, evaluate_loss, lm_loss
+from minimind.model import MiniMind
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def demo_rows(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    files = write_demo_data(root / "data", n_pretrain=1500, n_heldout=100)
+    train = tokenize_files([files["pretrain"]], tokenizer, root / "cache")
+    held = tokenize_files([files["pretrain_heldout"]], tokenizer, root / "cache")
+    return (PackedRows(train.tokens, train.offsets, SEQ), PackedRows(held.tokens, held.offsets, SEQ), files, root)
+
+
+def make_model(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    return MiniMind(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
+                                num_kv_heads=2, max_position_embeddings=256))
+
+
+def train(tokenizer, rows, out, **kw):
+    cfg = TrainConfig(out=str(out), max_seq_len=SEQ, **{"batch_size": 8, "accumulation": 1, "lr": 3e-3,
+                                                        "log_every": 5, "warmup_steps": 2, **kw})
+    trainer = Trainer(cfg, make_model(tokenizer), tokenizer, rows, {"stage": "test"})
+    return trainer, trainer.fit()
+
+
+def test_pretraining_learns_held_out_text(tokenizer, demo_rows, tmp_path):
+    rows, held, _, _ = demo_rows
+    trainer, result = train(tokenizer, rows, tmp_path / "run", max_steps=80)
+    before = evaluate_loss(make_model(tokenizer), held)
+    after = evaluate_loss(trainer.model, held)
+    assert after < 0.5 * before, (before, after)
+    assert result.steps == 80
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and all(k in lines[0] for k in ('"step"', '"loss"', '"lr"', '"tokens_per_s"'))
+
+
+def test_resume_is_bitwise_exact(tokenizer, demo_rows, tmp_path):
+    """12 steps straight == 6 steps, killed, --resume, 6 more: identical bits."""
+    rows = demo_rows[0]
+    train(tokenizer, rows, tmp_path / "straight", max_steps=12)
+    cfg = TrainConfig(out=str(tmp_path / "split"), max_seq_len=SEQ, batch_size=8, accumulation=1, lr=3e-3,
+                      log_every=5, warmup_steps=2, max_steps=12)
+    interrupted = Trainer(cfg, make_model(tokenizer), tokenizer, rows, {"stage": "test"})
+    while interrupted.step < 6:
+        interrupted.train_step()
+    interrupted.save()  # the process dies here
+    resumed, result = train(tokenizer, rows, tmp_path / "split", max_steps=12, resume=True)
+    assert result.steps == 12 and result.tokens == 6 * 8 * SEQ  # only the missing half was trained
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_gradient_accumulation_is_invariant(tokenizer, demo_rows, tmp_path):
+    rows = demo_rows[0]
+    big, _ = train(tokenizer, rows, tmp_path / "b8", batch_size=8, accumulation=1, max_steps=4)
+    acc, _ = train(tokenizer, rows, tmp_path / "b4x2", batch_size=4, accumulation=2, max_steps=4)
+    for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tokenizer, demo_rows, tmp_path):
+    rows = demo_rows[0]
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, aux = lm_loss(model, batch)
+        return (loss * float("nan") if calls["n"] > 6 else loss), aux
+
+    cfg = TrainConfig(out=str(tmp_path / "nan"), max_seq_len=SEQ, batch_size=8, accumulation=1, max_steps=20,
+                      save_every=4, log_every=1)
+    trainer = Trainer(cfg, make_model(tokenizer), tokenizer, rows, {"stage": "test"}, loss_fn=poisoned)
+    with pytest.raises(TrainingError, match="loss is nan at step 7"):
+        trainer.fit()
+    saved = torch.load(tmp_path / "nan" / "train_state.pt", weights_only=True)
+    assert saved["step"] == 4
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "nan" / "model.safetensors").values())
+
+
+def test_resume_refuses_mismatched_checkpoint(tokenizer, demo_rows, tmp_path):
+    from minimind.checkpoint import save_weights
+    from minimind.errors import CheckpointError
+
+    rows = demo_rows[0]
+    train(tokenizer, rows, tmp_path / "r", max_steps=4)
+    save_weights(make_model(tokenizer), tmp_path / "r" / "model.safetensors", {"step": "3"})
+    with pytest.raises(CheckpointError, match="from step 3 but train_state.pt from step 4"):
+        train(tokenizer, rows, tmp_path / "r", max_steps=8, resume=True)
+
+
+def run_cli(args, env=None, nproc=1):
+    prefix = [sys.executable, "-m", "minimind"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "minimind"]
+    proc = subprocess.run(prefix + [str(a) for a in args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_ddp_two_processes_match_one(tokenizer_dir, demo_rows, tmp_path):
+    """2 gloo processes x batch 4 == 1 process x batch 8, step for step."""
+    files, root = demo_rows[2], demo_rows[3]
+    common = ["pretrain", "--data", files["pretrain"], "--tokenizer", tokenizer_dir, "--preset", "tiny",
+              "--hidden-size", 64, "--num-layers", 2, "--max-seq-len", SEQ, "--accumulation", 1, "--max-steps", 5,
+              "--lr", 3e-3, "--log-every", 1, "--cache-dir", root / "cache", "--device", "cpu"]
+    run_cli(common + ["--out", tmp_path / "one", "--batch-size", 8])
+    run_cli(common + ["--out", tmp_path / "two", "--batch-size", 4], nproc=2)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_yaml_config_and_flags(tokenizer_dir, demo_rows, tmp_path):
+    files, root = demo_rows[2], demo_rows[3]
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"preset: tiny\nmax-steps: 3\nbatch_size: 2\nmax_seq_len: {SEQ}\nhidden_size: 64\n"
+                         f"num_layers: 2\naccumulation: 1\nlog_every: 1\nlr: 0.001\n")
+    out = run_cli(["pretrain", "--config", yaml_file, "--data", files["pretrain"], "--tokenizer", tokenizer_dir,
+                   "--out", tmp_path / "y", "--max-steps", 2, "--cache-dir", root / "cache"])
+    assert "step 2/2" in out and "of 2x1x1 rows x 32 tokens" in out  # the flag beat the YAML's max-steps
+    import json
+
+    info = json.loads((tmp_path / "y" / "run.json").read_text())
+    assert info["train_config"]["lr"] == 0.001 and info["train_config"]["max_steps"] == 2
