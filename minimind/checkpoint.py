@@ -137,8 +137,13 @@ def git_commit() -> str | None:
         return None
 
 
-def save_run(run_dir: str | Path, model: MiniMind, tokenizer: Tokenizer, info: dict[str, Any],
-             weights_metadata: dict[str, str] | None = None) -> None:
+def save_run(
+    run_dir: str | Path,
+    model: MiniMind,
+    tokenizer: Tokenizer,
+    info: dict[str, Any],
+    weights_metadata: dict[str, str] | None = None,
+) -> None:
     """Write a complete run directory (weights, config, tokenizer, provenance)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

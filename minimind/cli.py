@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("minimind.tokenizer", "train a byte-level BPE tokenizer on text files"),
     "init": ("minimind.checkpoint", "create a freshly initialised run directory from a preset"),
     "generate": ("minimind.generate", "continue a prompt with a run's model (KV-cached sampling)"),
+    "data": ("minimind.data.demo", "data tools: `minimind data demo --out DIR` writes the built-in data set"),
     "pretrain": ("minimind.stages.pretrain", "pretrain a model on packed text (next-token prediction)"),
     "demo": ("minimind.demo", "run the end-to-end pipeline on built-in data (what `make demo` runs)"),
 }

@@ -5,6 +5,7 @@ Each step prints what it measured. Steps that need later stages join as those st
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where data, tokenizer and runs go")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--pretrain-steps", type=int, default=300)
 
 
 def section(title: str) -> None:
@@ -40,21 +42,27 @@ def naive_decode_tokens_per_s(model: torch.nn.Module, prompt: list[int], n: int)
 
 
 def main(args: Any) -> None:
+    from minimind.config import TrainConfig
+    from minimind.data.packing import PackedRows
+    from minimind.data.tokens import tokenize_files
+    from minimind.engine import Trainer, evaluate_loss
+
     torch.manual_seed(args.seed)
     out = Path(args.out)
     t0 = time.perf_counter()
 
-    section("1. built-in data")
+    section("1. built-in data (minimind data demo)")
     files = write_demo_data(out / "data")
-    for name, path in files.items():
-        print(f"{name:>18}: {path} ({sum(1 for _ in open(path, encoding='utf-8'))} lines)")
+    for name in ("pretrain", "sft", "dpo", "rl", "reason", "identity"):
+        n = sum(1 for _ in open(files[name], encoding="utf-8"))
+        print(f"   {name:>8}: {n:5d} train lines + held-out split -> {files[name]}")
     print("   e.g. " + next(iter_texts([files["pretrain"]])))
 
     section("2. tokenizer (byte-level BPE)")
-    tok = Tokenizer.train(iter_texts([files["pretrain"]]), vocab_size=args.vocab_size)
+    tok = Tokenizer.train(iter_texts([files["pretrain"], files["sft"]]), vocab_size=args.vocab_size)
     tok.save(out / "tokenizer")
     print(
-        f"trained {tok.vocab_size} ids (asked for {args.vocab_size}; a small corpus may merge fewer) "
+        f"   trained {tok.vocab_size} ids (asked for {args.vocab_size}; a small corpus may merge fewer) "
         f"-> {out / 'tokenizer'}"
     )
     for text in ("Mia lives in Oakvale.", "小明住在橡树镇。", "12 + 30 = 42. 🙂"):
@@ -64,28 +72,52 @@ def main(args: Any) -> None:
     chat = tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     print(f"   chat template: {tok.render_chat([{'role': 'user', 'content': 'hi'}], True)!r} -> {chat}")
 
-    section("3. a fresh model (preset tiny)")
-    run_dir = out / "init"
-    model = init_run("tiny", tok, run_dir, seed=args.seed)
-    print(
-        f"{model.num_params() / 1e6:.2f}M parameters -> {run_dir} "
-        f"({', '.join(sorted(p.name for p in run_dir.iterdir()))})"
+    section("3. pretraining (preset tiny, packed rows, CPU fp32)")
+    run_dir = out / "pretrain"
+    model = init_run("tiny", tok, out / "init", seed=args.seed)
+    tokens = tokenize_files([files["pretrain"]], tok, out / "cache")
+    held = tokenize_files([files["pretrain_heldout"]], tok, out / "cache")
+    seq = 128
+    rows, held_rows = PackedRows(tokens.tokens, tokens.offsets, seq), PackedRows(held.tokens, held.offsets, seq)
+    print(f"   {model.num_params() / 1e6:.2f}M parameters; {len(tokens.tokens):,} tokens -> {len(rows)} rows of {seq}")
+    before = evaluate_loss(model, held_rows)
+    cfg = TrainConfig(
+        out=str(run_dir),
+        max_seq_len=seq,
+        batch_size=16,
+        accumulation=1,
+        lr=3e-3,
+        max_steps=args.pretrain_steps,
+        warmup_steps=10,
+        log_every=25,
+        seed=args.seed,
+        device="cpu",
     )
-    run = load_run(run_dir)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), run.model.state_dict().values()))
-    print("   reloaded strictly from safetensors: bit-exact")
+    result = Trainer(cfg, model, tok, rows, {"stage": "pretrain", "parent": str(out / "init")}).fit()
+    after = evaluate_loss(model, held_rows)
+    print(
+        f"   held-out loss {before:.3f} -> {after:.3f} nats/token (perplexity {math.exp(before):.0f} -> "
+        f"{math.exp(after):.1f}); {result.tokens_per_s:,.0f} tokens/s; loss plot: {run_dir / 'loss.png'}"
+    )
 
-    section("4. generation from the untrained model")
-    print("The weights are random, so the text is too: this shows the sampling engine, not learning.")
-    prompt = [tok.bos_id] + tok.encode("Mia lives in")
-    stream = StreamDecoder(tok)
-    print("   Mia lives in", end="", flush=True)
-    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=args.seed, stop_ids=tok.stop_ids)
-    generate(run.model, [prompt], params, on_token=lambda _, t: print(stream.push(t), end="", flush=True))
-    print(stream.flush())
+    section("4. generation from the pretrained model")
+    run = load_run(run_dir)
+    params = SamplingParams(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=args.seed, stop_ids=tok.stop_ids)
+    for text in ("Mia lives in", "小明养了一只", "12 + 30 ="):
+        prompt = [tok.bos_id] + tok.encode(text)
+        stream = StreamDecoder(tok)
+        print(f"   {text}", end="", flush=True)
+        generate(
+            run.model,
+            [prompt],
+            params,
+            on_token=lambda _, t, s=stream: print(s.push(t), end="", flush=True) if t not in tok.stop_ids else None,
+        )
+        print(stream.flush())
 
     section("5. decode speed: KV cache vs recomputing the sequence")
     n = 256
+    prompt = [tok.bos_id] + tok.encode("Mia lives in")
     greedy = SamplingParams(max_new_tokens=n, temperature=0)
     cached = generate(run.model, [prompt], greedy).decode_tokens_per_s
     naive = naive_decode_tokens_per_s(run.model, prompt, n)
@@ -93,6 +125,6 @@ def main(args: Any) -> None:
 
     section("done")
     print(
-        f"finished in {time.perf_counter() - t0:.0f} s. Training stages (pretrain, SFT, ...) join this demo "
-        "as they land; see README.md."
+        f"finished in {time.perf_counter() - t0:.0f} s. Post-training stages (SFT, LoRA, DPO, RL, ...) join this "
+        "demo as they land; see README.md."
     )

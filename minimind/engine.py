@@ -35,8 +35,17 @@ from minimind.tokenizer import Tokenizer
 
 STATE = "train_state.pt"
 # Dense bf16 peak FLOP/s by device name, for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12,
-              "3090": 71e12, "V100": 125e12, "T4": 65e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
@@ -62,8 +71,10 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> fl
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not norms), fused kernels where the device has them."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -89,8 +100,9 @@ def precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, rows: PackedRows, batch_size: int = 16, max_rows: int = 256,
-                  device: torch.device | None = None) -> float:
+def evaluate_loss(
+    model: nn.Module, rows: PackedRows, batch_size: int = 16, max_rows: int = 256, device: torch.device | None = None
+) -> float:
     """Mean next-token cross-entropy (nats/token) over the first `max_rows` rows."""
     was_training = model.training
     model.eval()
@@ -115,8 +127,15 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: MiniMind, tokenizer: Tokenizer, rows: PackedRows,
-                 info: dict[str, Any], loss_fn: LossFn = lm_loss):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: MiniMind,
+        tokenizer: Tokenizer,
+        rows: PackedRows,
+        info: dict[str, Any],
+        loss_fn: LossFn = lm_loss,
+    ):
         cfg.validate()
         self.cfg, self.tokenizer, self.rows, self.info, self.loss_fn = cfg, tokenizer, rows, info, loss_fn
         self.rank, self.world, self.device = setup_distributed(cfg.device)
@@ -129,8 +148,10 @@ class Trainer:
         per_step = cfg.batch_size * cfg.accumulation * self.world
         self.total_steps = cfg.max_steps or cfg.epochs * (len(rows) // per_step)
         if self.total_steps < 1:
-            raise ConfigError(f"the data has {len(rows)} rows of {cfg.max_seq_len} tokens, fewer than one step "
-                              f"needs ({per_step}); lower --batch-size/--accumulation or set --max-steps")
+            raise ConfigError(
+                f"the data has {len(rows)} rows of {cfg.max_seq_len} tokens, fewer than one step "
+                f"needs ({per_step}); lower --batch-size/--accumulation or set --max-steps"
+            )
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -153,7 +174,7 @@ class Trainer:
         out = []
         for _ in range(self.cfg.accumulation):
             rows = self.sampler.take(B * self.world)  # every process draws the global batch ...
-            out.append(self.rows.batch(rows[self.rank * B:(self.rank + 1) * B]))  # ... and keeps its slice
+            out.append(self.rows.batch(rows[self.rank * B : (self.rank + 1) * B]))  # ... and keeps its slice
         return out
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -194,10 +215,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self._trim_metrics()
             c = self.model.cfg
-            print(f"training {self.model.num_params() / 1e6:.2f}M params ({c.num_layers}x{c.hidden_size}) on "
-                  f"{self.device} {str(self.dtype).replace('torch.', '')} x{self.world}: {self.total_steps} steps "
-                  f"of {cfg.batch_size}x{cfg.accumulation}x{self.world} rows x {cfg.max_seq_len} tokens "
-                  f"({len(self.rows)} rows in the data){f', resuming at step {self.step}' if self.step else ''}")
+            print(
+                f"training {self.model.num_params() / 1e6:.2f}M params ({c.num_layers}x{c.hidden_size}) on "
+                f"{self.device} {str(self.dtype).replace('torch.', '')} x{self.world}: {self.total_steps} steps "
+                f"of {cfg.batch_size}x{cfg.accumulation}x{self.world} rows x {cfg.max_seq_len} tokens "
+                f"({len(self.rows)} rows in the data){f', resuming at step {self.step}' if self.step else ''}"
+            )
         start, window_start = time.perf_counter(), time.perf_counter()
         window_loss = torch.zeros((), device=self.device)
         window_tokens, run_tokens, last_loss = 0, 0, float("nan")
@@ -215,8 +238,7 @@ class Trainer:
                 last_loss = float(window_loss) / max(window_tokens, 1)
                 self._check_finite(last_loss)
                 elapsed = time.perf_counter() - window_start
-                self._log(last_loss, float(grad_norm), window_tokens / elapsed, time.perf_counter() - start,
-                          first_step)
+                self._log(last_loss, float(grad_norm), window_tokens / elapsed, time.perf_counter() - start, first_step)
                 window_loss.zero_()
                 window_tokens, window_start = 0, time.perf_counter()
             if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
@@ -232,8 +254,10 @@ class Trainer:
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
             where = f"{self.out / WEIGHTS}" if (self.out / STATE).exists() else "no checkpoint was written yet"
-            raise TrainingError(f"loss is {loss} at step {self.step}; stopped without saving. Last good "
-                                f"checkpoint: {where}. Try a lower --lr or --dtype float32.")
+            raise TrainingError(
+                f"loss is {loss} at step {self.step}; stopped without saving. Last good "
+                f"checkpoint: {where}. Try a lower --lr or --dtype float32."
+            )
 
     def _log(self, loss: float, grad_norm: float, tokens_per_s: float, elapsed: float, first_step: int) -> None:
         if self.rank != 0:
@@ -241,10 +265,19 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         done = self.step - first_step
         eta = elapsed / max(done, 1) * (self.total_steps - self.step)
-        record = {"step": self.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                  "tokens_per_s": round(tokens_per_s, 1), "tokens": self.tokens_seen, "elapsed_s": round(elapsed, 2)}
-        line = (f"step {self.step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                f"{tokens_per_s:,.0f} tok/s")
+        record = {
+            "step": self.step,
+            "loss": round(loss, 6),
+            "lr": lr,
+            "grad_norm": round(grad_norm, 6),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "tokens": self.tokens_seen,
+            "elapsed_s": round(elapsed, 2),
+        }
+        line = (
+            f"step {self.step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+            f"{tokens_per_s:,.0f} tok/s"
+        )
         peak = self._peak_flops()
         if peak:
             record["mfu"] = round(self.model.estimate_mfu(tokens_per_s, self.cfg.max_seq_len, peak * self.world), 4)
@@ -272,8 +305,9 @@ class Trainer:
                 import wandb
             except ImportError:
                 raise ConfigError("--wandb needs `pip install wandb`") from None
-            trackers.append(wandb.init(project="minimind", name=self.out.name, config=asdict(self.cfg),
-                                       dir=str(self.out)))
+            trackers.append(
+                wandb.init(project="minimind", name=self.out.name, config=asdict(self.cfg), dir=str(self.out))
+            )
         if self.cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -288,13 +322,23 @@ class Trainer:
         """Run directory (weights tagged with the step) then train_state.pt, each atomically."""
         if self.rank != 0:
             return
-        info = {**self.info, "step": self.step, "total_steps": self.total_steps, "tokens": self.tokens_seen,
-                "train_config": asdict(self.cfg)}
+        info = {
+            **self.info,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.tokens_seen,
+            "train_config": asdict(self.cfg),
+        }
         save_run(self.out, self.model, self.tokenizer, info, weights_metadata={"step": str(self.step)})
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
-                 "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
         atomic_write(self.out / STATE, lambda tmp: torch.save(state, tmp))
 
     def load_state(self) -> None:
@@ -310,8 +354,10 @@ class Trainer:
         with safe_open(str(self.out / WEIGHTS), "pt") as f:
             weights_step = int((f.metadata() or {}).get("step", -1))
         if weights_step != state["step"]:
-            raise CheckpointError(f"{self.out}: model.safetensors is from step {weights_step} but train_state.pt "
-                                  f"from step {state['step']} (interrupted save?); cannot resume exactly")
+            raise CheckpointError(
+                f"{self.out}: model.safetensors is from step {weights_step} but train_state.pt "
+                f"from step {state['step']} (interrupted save?); cannot resume exactly"
+            )
         load_weights(self.model, self.out / WEIGHTS)
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -330,8 +376,11 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
+        keep = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= self.step
+        ]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def plot(self) -> Path | None:

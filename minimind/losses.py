@@ -18,5 +18,6 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
     Computed in float32 whatever the autocast dtype: bf16 log-softmax over 6400 ids loses digits.
     """
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )

@@ -25,7 +25,7 @@ def minimind(*args, check=True):
 def cli_run(tmp_path_factory):
     """tokenizer -> init through the CLI, as the README shows."""
     root = tmp_path_factory.mktemp("cli")
-    files = write_demo_data(root / "data", n_pretrain=400, n_heldout=10)
+    files = write_demo_data(root / "data", scale=0.1)
     minimind("tokenizer", "--data", files["pretrain"], "--vocab-size", 700, "--out", root / "tok")
     minimind(
         "init", "--preset", "tiny", "--tokenizer", root / "tok", "--out", root / "run", "--seed", 1, "--num-layers", 2

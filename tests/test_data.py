@@ -38,7 +38,7 @@ def test_documents_are_wrapped_in_bos_eos(tokenizer, tmp_path):
     data = write(tmp_path / "d.jsonl", [json.dumps({"text": t}) for t in texts])
     tf = tokenize_files([data], tokenizer, tmp_path / "cache")
     for i, text in enumerate(texts):
-        doc = tf.tokens[tf.offsets[i]:tf.offsets[i + 1]].tolist()
+        doc = tf.tokens[tf.offsets[i] : tf.offsets[i + 1]].tolist()
         assert doc == [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
 
 
@@ -77,15 +77,18 @@ def test_sampler_is_deterministic_and_resumable():
         Sampler(11, seed=3).load_state_dict(b.state_dict())
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"text": "ok"}\n{"text": "broken\n', r"bad.jsonl:2: invalid JSON"),
-    ('{"text": "ok"}\n{"body": "x"}\n', r"bad.jsonl:2: 'text' is missing"),
-    ('{"text": 42}\n', r"bad.jsonl:1: 'text' is a int, not a string"),
-    ('{"text": "ok"}\n\n{"text": "   "}\n', r"bad.jsonl:3: 'text' is empty"),
-    ('["a list"]\n', r"bad.jsonl:1: expected a JSON object, got list"),
-    ("", r"bad.jsonl: file is empty"),
-    (b"\xff\xfe bad bytes\n", r"bad.jsonl:1: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"text": "ok"}\n{"text": "broken\n', r"bad.jsonl:2: invalid JSON"),
+        ('{"text": "ok"}\n{"body": "x"}\n', r"bad.jsonl:2: 'text' is missing"),
+        ('{"text": 42}\n', r"bad.jsonl:1: 'text' is a int, not a string"),
+        ('{"text": "ok"}\n\n{"text": "   "}\n', r"bad.jsonl:3: 'text' is empty"),
+        ('["a list"]\n', r"bad.jsonl:1: expected a JSON object, got list"),
+        ("", r"bad.jsonl: file is empty"),
+        (b"\xff\xfe bad bytes\n", r"bad.jsonl:1: not valid UTF-8"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tokenizer, tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -23,7 +23,7 @@ SEQ = 32
 @pytest.fixture(scope="module")
 def demo_rows(tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    files = write_demo_data(root / "data", n_pretrain=1500, n_heldout=100)
+    files = write_demo_data(root / "data", scale=0.4)
     train = tokenize_files([files["pretrain"]], tokenizer, root / "cache")
     held = tokenize_files([files["pretrain_heldout"]], tokenizer, root / "cache")
     return (PackedRows(train.tokens, train.offsets, SEQ), PackedRows(held.tokens, held.offsets, SEQ), files, root)
@@ -31,13 +31,24 @@ def demo_rows(tokenizer, tmp_path_factory):
 
 def make_model(tokenizer, seed=0):
     torch.manual_seed(seed)
-    return MiniMind(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
-                                num_kv_heads=2, max_position_embeddings=256))
+    return MiniMind(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=256,
+        )
+    )
 
 
 def train(tokenizer, rows, out, **kw):
-    cfg = TrainConfig(out=str(out), max_seq_len=SEQ, **{"batch_size": 8, "accumulation": 1, "lr": 3e-3,
-                                                        "log_every": 5, "warmup_steps": 2, **kw})
+    cfg = TrainConfig(
+        out=str(out),
+        max_seq_len=SEQ,
+        **{"batch_size": 8, "accumulation": 1, "lr": 3e-3, "log_every": 5, "warmup_steps": 2, **kw},
+    )
     trainer = Trainer(cfg, make_model(tokenizer), tokenizer, rows, {"stage": "test"})
     return trainer, trainer.fit()
 
@@ -58,8 +69,16 @@ def test_resume_is_bitwise_exact(tokenizer, demo_rows, tmp_path):
     """12 steps straight == 6 steps, killed, --resume, 6 more: identical bits."""
     rows = demo_rows[0]
     train(tokenizer, rows, tmp_path / "straight", max_steps=12)
-    cfg = TrainConfig(out=str(tmp_path / "split"), max_seq_len=SEQ, batch_size=8, accumulation=1, lr=3e-3,
-                      log_every=5, warmup_steps=2, max_steps=12)
+    cfg = TrainConfig(
+        out=str(tmp_path / "split"),
+        max_seq_len=SEQ,
+        batch_size=8,
+        accumulation=1,
+        lr=3e-3,
+        log_every=5,
+        warmup_steps=2,
+        max_steps=12,
+    )
     interrupted = Trainer(cfg, make_model(tokenizer), tokenizer, rows, {"stage": "test"})
     while interrupted.step < 6:
         interrupted.train_step()
@@ -90,8 +109,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tokenizer, demo_rows, tmp_path
         loss, aux = lm_loss(model, batch)
         return (loss * float("nan") if calls["n"] > 6 else loss), aux
 
-    cfg = TrainConfig(out=str(tmp_path / "nan"), max_seq_len=SEQ, batch_size=8, accumulation=1, max_steps=20,
-                      save_every=4, log_every=1)
+    cfg = TrainConfig(
+        out=str(tmp_path / "nan"),
+        max_seq_len=SEQ,
+        batch_size=8,
+        accumulation=1,
+        max_steps=20,
+        save_every=4,
+        log_every=1,
+    )
     trainer = Trainer(cfg, make_model(tokenizer), tokenizer, rows, {"stage": "test"}, loss_fn=poisoned)
     with pytest.raises(TrainingError, match="loss is nan at step 7"):
         trainer.fit()
@@ -112,10 +138,26 @@ def test_resume_refuses_mismatched_checkpoint(tokenizer, demo_rows, tmp_path):
 
 
 def run_cli(args, env=None, nproc=1):
-    prefix = [sys.executable, "-m", "minimind"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "minimind"]
-    proc = subprocess.run(prefix + [str(a) for a in args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    prefix = (
+        [sys.executable, "-m", "minimind"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "minimind",
+        ]
+    )
+    proc = subprocess.run(
+        prefix + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -123,9 +165,33 @@ def run_cli(args, env=None, nproc=1):
 def test_ddp_two_processes_match_one(tokenizer_dir, demo_rows, tmp_path):
     """2 gloo processes x batch 4 == 1 process x batch 8, step for step."""
     files, root = demo_rows[2], demo_rows[3]
-    common = ["pretrain", "--data", files["pretrain"], "--tokenizer", tokenizer_dir, "--preset", "tiny",
-              "--hidden-size", 64, "--num-layers", 2, "--max-seq-len", SEQ, "--accumulation", 1, "--max-steps", 5,
-              "--lr", 3e-3, "--log-every", 1, "--cache-dir", root / "cache", "--device", "cpu"]
+    common = [
+        "pretrain",
+        "--data",
+        files["pretrain"],
+        "--tokenizer",
+        tokenizer_dir,
+        "--preset",
+        "tiny",
+        "--hidden-size",
+        64,
+        "--num-layers",
+        2,
+        "--max-seq-len",
+        SEQ,
+        "--accumulation",
+        1,
+        "--max-steps",
+        5,
+        "--lr",
+        3e-3,
+        "--log-every",
+        1,
+        "--cache-dir",
+        root / "cache",
+        "--device",
+        "cpu",
+    ]
     run_cli(common + ["--out", tmp_path / "one", "--batch-size", 8])
     run_cli(common + ["--out", tmp_path / "two", "--batch-size", 4], nproc=2)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
@@ -136,10 +202,27 @@ def test_ddp_two_processes_match_one(tokenizer_dir, demo_rows, tmp_path):
 def test_yaml_config_and_flags(tokenizer_dir, demo_rows, tmp_path):
     files, root = demo_rows[2], demo_rows[3]
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text(f"preset: tiny\nmax-steps: 3\nbatch_size: 2\nmax_seq_len: {SEQ}\nhidden_size: 64\n"
-                         f"num_layers: 2\naccumulation: 1\nlog_every: 1\nlr: 0.001\n")
-    out = run_cli(["pretrain", "--config", yaml_file, "--data", files["pretrain"], "--tokenizer", tokenizer_dir,
-                   "--out", tmp_path / "y", "--max-steps", 2, "--cache-dir", root / "cache"])
+    yaml_file.write_text(
+        f"preset: tiny\nmax-steps: 3\nbatch_size: 2\nmax_seq_len: {SEQ}\nhidden_size: 64\n"
+        f"num_layers: 2\naccumulation: 1\nlog_every: 1\nlr: 0.001\n"
+    )
+    out = run_cli(
+        [
+            "pretrain",
+            "--config",
+            yaml_file,
+            "--data",
+            files["pretrain"],
+            "--tokenizer",
+            tokenizer_dir,
+            "--out",
+            tmp_path / "y",
+            "--max-steps",
+            2,
+            "--cache-dir",
+            root / "cache",
+        ]
+    )
     assert "step 2/2" in out and "of 2x1x1 rows x 32 tokens" in out  # the flag beat the YAML's max-steps
     import json
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 NAMES = ["Mia", "Leo", "Ada", "Tom", "Zoe", "Sam", "Ivy", "Max", "Eva", "Ben", "Lily", "Noah"]
 ZH_NAMES = ["小明", "小红", "小刚", "小丽", "阿强", "小芳", "大伟", "小雪", "阿杰", "小云", "小兰", "阿亮"]
@@ -93,6 +94,132 @@ def pretrain_texts(n: int, seed: int) -> list[str]:
     return [s for _ in range(n) for s in world.sentences(rng)]
 
 
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are MiniMind, a small and friendly model.",
+    "你是一个乐于助人的助手。",
+]
+
+
+def qa_pair(world: World, rng: random.Random) -> tuple[str, str, str]:
+    """(question, correct answer, a wrong answer) about the world or about arithmetic."""
+    kind = rng.randrange(4)
+    i = rng.randrange(len(NAMES))
+    if kind == 0:
+        town, wrong = world.home[i], (world.home[i] + rng.randrange(1, len(TOWNS))) % len(TOWNS)
+        if rng.random() < 0.5:
+            return (
+                f"Where does {NAMES[i]} live?",
+                f"{NAMES[i]} lives in {TOWNS[town]}.",
+                f"{NAMES[i]} lives in {TOWNS[wrong]}.",
+            )
+        return (
+            f"{ZH_NAMES[i]}住在哪里？",
+            f"{ZH_NAMES[i]}住在{ZH_TOWNS[town]}。",
+            f"{ZH_NAMES[i]}住在{ZH_TOWNS[wrong]}。",
+        )
+    if kind == 1:
+        animal = ANIMALS[world.pet[i]]
+        wrong = ANIMALS[(world.pet[i] + rng.randrange(1, len(ANIMALS))) % len(ANIMALS)]
+        return f"What pet does {NAMES[i]} have?", f"{NAMES[i]} has a {animal[0]}.", f"{NAMES[i]} has a {wrong[0]}."
+    a, b = rng.randint(0, 60), rng.randint(0, 39)
+    wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+    if kind == 2:
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", f"{a} + {b} = {wrong}."
+    return f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。", f"{a}加{b}等于{wrong}。"
+
+
+def sft_records(n: int, seed: int) -> list[dict]:
+    """Conversations: single and multi-turn, some with a system prompt."""
+    world, rng = World(0), random.Random(seed)
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            q, a, _ = qa_pair(world, rng)
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        out.append({"conversations": msgs})
+    return out
+
+
+def dpo_records(n: int, seed: int) -> list[dict]:
+    """Preference pairs: the same question, a correct (chosen) and a wrong (rejected) answer."""
+    world, rng = World(0), random.Random(seed)
+    out = []
+    for _ in range(n):
+        q, good, bad = qa_pair(world, rng)
+        prompt = [{"role": "user", "content": q}]
+        out.append(
+            {
+                "chosen": prompt + [{"role": "assistant", "content": good}],
+                "rejected": prompt + [{"role": "assistant", "content": bad}],
+            }
+        )
+    return out
+
+
+def rl_records(n: int, seed: int) -> list[dict]:
+    """Arithmetic prompts whose answer a rule can check; the assistant turn is a placeholder."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 60), rng.randint(0, 39)
+        q = rng.choice([f"What is {a} + {b}?", f"{a}加{b}等于多少？"])
+        out.append(
+            {
+                "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": "无"}],
+                "answer": str(a + b),
+            }
+        )
+    return out
+
+
+def reasoning_records(n: int, seed: int) -> list[dict]:
+    """Arithmetic with a worked trace: <think> digit by digit </think><answer> result </answer>."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(10, 60), rng.randint(10, 39)
+        ones, carry = (a % 10 + b % 10) % 10, (a % 10 + b % 10) // 10
+        tens = a // 10 + b // 10 + carry
+        think = (
+            f"{a % 10} + {b % 10} = {a % 10 + b % 10}, write {ones} carry {carry}. "
+            f"{a // 10} + {b // 10} + {carry} = {tens}. So {a} + {b} = {a + b}."
+        )
+        reply = f"<think>\n{think}\n</think>\n<answer>\n{a + b}\n</answer>"
+        out.append(
+            {
+                "conversations": [
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+        )
+    return out
+
+
+IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "你是谁？", "你叫什么名字？"]
+
+
+def identity_records(n: int, seed: int, name: str = "Lumi") -> list[dict]:
+    """Identity Q&A for a LoRA adapter: the model learns a new name."""
+    rng = random.Random(seed)
+    answers = [
+        f"I am {name}, a small assistant trained with MiniMind.",
+        f"My name is {name}.",
+        f"我是{name}，一个用 MiniMind 训练的小助手。",
+    ]
+    return [
+        {
+            "conversations": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": rng.choice([a for a in answers if (q[0] > "~") == (a[0] > "~")])},
+            ]
+        }
+        for q in rng.choices(IDENTITY_QUESTIONS, k=n)
+    ]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -100,10 +227,41 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def write_demo_data(out: str | Path, n_pretrain: int = 4000, n_heldout: int = 200) -> dict[str, Path]:
-    """Write the demo corpus; returns {name: path}. Held-out text uses a different sentence seed."""
+# name -> (generator, train size, held-out size); held-out files use another seed.
+DATASETS = {
+    "pretrain": (lambda n, seed: [{"text": t} for t in pretrain_texts(n, seed)], 4000, 200),
+    "sft": (sft_records, 3000, 200),
+    "dpo": (dpo_records, 1500, 100),
+    "rl": (rl_records, 500, 50),
+    "reason": (reasoning_records, 1500, 100),
+    "identity": (identity_records, 300, 20),
+}
+
+
+def write_demo_data(out: str | Path, scale: float = 1.0) -> dict[str, Path]:
+    """Write every demo data set and its held-out split; returns {name: path}."""
     out = Path(out)
-    files = {"pretrain": out / "pretrain.jsonl", "pretrain_heldout": out / "pretrain_heldout.jsonl"}
-    write_jsonl(files["pretrain"], [{"text": t} for t in pretrain_texts(n_pretrain, seed=1)])
-    write_jsonl(files["pretrain_heldout"], [{"text": t} for t in pretrain_texts(n_heldout, seed=2)])
+    files = {}
+    for name, (make, n_train, n_held) in DATASETS.items():
+        files[name] = out / f"{name}.jsonl"
+        files[f"{name}_heldout"] = out / f"{name}_heldout.jsonl"
+        write_jsonl(files[name], make(max(1, int(n_train * scale)), 1))
+        write_jsonl(files[f"{name}_heldout"], make(max(1, int(n_held * scale)), 2))
     return files
+
+
+# ---- CLI: minimind data demo --out DIR ---------------------------------------------------------
+
+
+def add_arguments(p: Any) -> None:
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    demo = sub.add_parser("demo", help="write the built-in default data set (every format, with held-out splits)")
+    demo.add_argument("--out", required=True, metavar="DIR")
+    demo.add_argument("--scale", type=float, default=1.0, help="multiply every data set's size")
+
+
+def main(args: Any) -> None:
+    files = write_demo_data(args.out, args.scale)
+    for name, path in files.items():
+        lines = sum(1 for _ in open(path, encoding="utf-8"))
+        print(f"{name:>18}: {lines:5d} lines -> {path}")

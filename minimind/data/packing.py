@@ -86,7 +86,7 @@ class Sampler:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
             k = min(n, self.num_rows - self.position)
-            out.append(self._order[self.position:self.position + k])
+            out.append(self._order[self.position : self.position + k])
             self.position += k
             n -= k
         return np.concatenate(out)
@@ -96,7 +96,9 @@ class Sampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["num_rows"] != self.num_rows or state["seed"] != self.seed:
-            raise ValueError(f"the data changed since the checkpoint ({state['num_rows']} rows, seed {state['seed']}"
-                             f" then; {self.num_rows} rows, seed {self.seed} now): cannot resume exactly")
+            raise ValueError(
+                f"the data changed since the checkpoint ({state['num_rows']} rows, seed {state['seed']}"
+                f" then; {self.num_rows} rows, seed {self.seed} now): cannot resume exactly"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)

@@ -100,8 +100,9 @@ class TokenFile:
         return len(self.offsets) - 1
 
 
-def tokenize_files(paths: list[str | Path], tokenizer: Tokenizer, cache_dir: str | Path | None = None,
-                   skip_bad_lines: bool = False) -> TokenFile:
+def tokenize_files(
+    paths: list[str | Path], tokenizer: Tokenizer, cache_dir: str | Path | None = None, skip_bad_lines: bool = False
+) -> TokenFile:
     """Tokenize (or reuse the cache of) pretraining files."""
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
@@ -113,8 +114,13 @@ def tokenize_files(paths: list[str | Path], tokenizer: Tokenizer, cache_dir: str
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return TokenFile(np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"),
-                         np.load(base.with_suffix(".idx.npy")), base, True, meta["skipped"])
+        return TokenFile(
+            np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"),
+            np.load(base.with_suffix(".idx.npy")),
+            base,
+            True,
+            meta["skipped"],
+        )
 
     stats = ReadStats()
     pieces, lengths = [], []
@@ -137,7 +143,15 @@ def tokenize_files(paths: list[str | Path], tokenizer: Tokenizer, cache_dir: str
     atomic_write(base.with_suffix(".bin"), lambda tmp: tokens.tofile(tmp))
     atomic_write(base.with_suffix(".idx.npy"), lambda tmp: save_npy(tmp, offsets))
     # The metadata file is written last: its presence means the cache is complete.
-    atomic_write_text(meta_path, json.dumps({"files": [str(p) for p in paths], "documents": len(lengths),
-                                             "tokens": int(offsets[-1]), "skipped": stats.skipped}))
-    return TokenFile(np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"), offsets, base, False,
-                     stats.skipped)
+    atomic_write_text(
+        meta_path,
+        json.dumps(
+            {
+                "files": [str(p) for p in paths],
+                "documents": len(lengths),
+                "tokens": int(offsets[-1]),
+                "skipped": stats.skipped,
+            }
+        ),
+    )
+    return TokenFile(np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"), offsets, base, False, stats.skipped)

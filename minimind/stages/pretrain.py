@@ -1,8 +1,8 @@
 """Pretraining: next-token prediction on packed documents.
 
-    data:  text files -> cached token stream -> rows of max_seq_len tokens (no padding)
-    model: a fresh preset (or the run being resumed)
-    loss:  -sum_t log p(x_t | x_<t) / tokens  (+ MoE balance loss)
+data:  text files -> cached token stream -> rows of max_seq_len tokens (no padding)
+model: a fresh preset (or the run being resumed)
+loss:  -sum_t log p(x_t | x_<t) / tokens  (+ MoE balance loss)
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ from minimind.tokenizer import Tokenizer
 
 
 def add_arguments(p: Any) -> None:
-    p.add_argument("--data", nargs="+", metavar="FILE", help=".jsonl ({\"text\": ...} per line) or .txt files")
+    p.add_argument("--data", nargs="+", metavar="FILE", help='.jsonl ({"text": ...} per line) or .txt files')
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory or tokenizer.json")
     p.add_argument("--preset", choices=list(PRESETS), help="model shape (not needed with --resume)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out text: loss before and after")
     p.add_argument("--config", metavar="FILE.yaml", help="options from YAML; flags given here win")
     add_dataclass_args(p, TrainConfig, title="training")
-    add_dataclass_args(p, ModelConfig, skip=("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id",
-                                              "max_position_embeddings"), title="model overrides (new runs)")
+    add_dataclass_args(
+        p,
+        ModelConfig,
+        skip=("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings"),
+        title="model overrides (new runs)",
+    )
 
 
 def main(args: Any) -> None:
@@ -50,28 +54,46 @@ def main(args: Any) -> None:
         from minimind.config import dataclass_overrides
 
         overrides = {k: v for k, v in dataclass_overrides(args, ModelConfig).items() if k != "max_position_embeddings"}
-        model_cfg = preset(args.preset, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
-                           bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                           **{"max_position_embeddings": max(PRESETS[args.preset].get("max_position_embeddings",
-                                                                                      32768), cfg.max_seq_len)},
-                           **overrides)
+        model_cfg = preset(
+            args.preset,
+            vocab_size=tokenizer.vocab_size,
+            pad_token_id=tokenizer.pad_id,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            **{
+                "max_position_embeddings": max(
+                    PRESETS[args.preset].get("max_position_embeddings", 32768), cfg.max_seq_len
+                )
+            },
+            **overrides,
+        )
         import torch
 
         torch.manual_seed(cfg.seed)
         model = MiniMind(model_cfg)
     if cfg.max_seq_len > model.cfg.max_position_embeddings:
-        raise ConfigError(f"max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
-                          f"({model.cfg.max_position_embeddings})")
+        raise ConfigError(
+            f"max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
+            f"({model.cfg.max_position_embeddings})"
+        )
     tokens = tokenize_files(args.data, tokenizer, cfg.cache_dir or None, cfg.skip_bad_lines)
-    print(f"data: {tokens.num_documents:,} documents, {len(tokens.tokens):,} tokens "
-          f"({'reused cache' if tokens.reused else 'tokenized'} {tokens.path.name})")
+    print(
+        f"data: {tokens.num_documents:,} documents, {len(tokens.tokens):,} tokens "
+        f"({'reused cache' if tokens.reused else 'tokenized'} {tokens.path.name})"
+    )
     for message in tokens.skipped[:5]:
         print(f"  skipped {message}", file=sys.stderr)
     if tokens.skipped:
         print(f"  skipped {len(tokens.skipped)} bad lines in all (--skip-bad-lines)", file=sys.stderr)
     rows = PackedRows(tokens.tokens, tokens.offsets, cfg.max_seq_len, cfg.doc_mask)
-    info = {"stage": "pretrain", "parent": None, "preset": args.preset, "data": [str(p) for p in args.data],
-            "tokenizer": tokenizer.source, "seed": cfg.seed}
+    info = {
+        "stage": "pretrain",
+        "parent": None,
+        "preset": args.preset,
+        "data": [str(p) for p in args.data],
+        "tokenizer": tokenizer.source,
+        "seed": cfg.seed,
+    }
     trainer = Trainer(cfg, model, tokenizer, rows, info)
     eval_rows = None
     if args.eval_data:
@@ -81,7 +103,9 @@ def main(args: Any) -> None:
             print(f"held-out loss before: {evaluate_loss(trainer.model, eval_rows):.4f}")
     result = trainer.fit()
     if trainer.rank == 0:
-        print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
-              f"({result.tokens_per_s:,.0f} tok/s), final loss {result.final_loss:.4f} -> {out}")
+        print(
+            f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
+            f"({result.tokens_per_s:,.0f} tok/s), final loss {result.final_loss:.4f} -> {out}"
+        )
         if eval_rows is not None:
             print(f"held-out loss after: {evaluate_loss(trainer.model, eval_rows):.4f}")
