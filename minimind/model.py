@@ -31,10 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused kernel
+        return self.weight * normed.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,28 +79,23 @@ class RotaryEmbedding(nn.Module):
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and "signed" sin, each (B, 1, T, head_dim): sin's first half is negated so that
+        rotate_half(x) * sin == x.roll(head_dim // 2) * signed_sin (one op instead of four)."""
         device = position_ids.device
         if device not in self._tables:
             t = torch.arange(self.max_positions, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq)
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._tables[device] = (
-                (emb.cos() * self.attention_factor).to(device),
-                (emb.sin() * self.attention_factor).to(device),
-            )
-        cos, sin = self._tables[device]
-        return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)  # (B, 1, T, head_dim)
+            cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+            self._tables[device] = (torch.cat([cos, cos], -1).to(device), torch.cat([-sin, sin], -1).to(device))
+        cos, signed_sin = self._tables[device]
+        return cos[position_ids].unsqueeze(1), signed_sin[position_ids].unsqueeze(1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, in float32, returned in x's dtype."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1), computed
+    in float32 as x * cos + roll(x, d/2) * (-sin1, sin2) and returned in x's dtype."""
     xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
