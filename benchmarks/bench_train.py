@@ -106,10 +106,29 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--decode-only", action="store_true", help="skip pretraining; decode from a fresh `minimind init` run"
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result = {"preset": args.preset, "pretrain": pretrain(args, work), "decode": decode(args, work / "run")}
+        if args.decode_only:
+            cmd = [
+                sys.executable,
+                "-m",
+                "minimind",
+                "init",
+                "--preset",
+                args.preset,
+                "--tokenizer",
+                args.tokenizer,
+                "--out",
+                str(work / "run"),
+            ]
+            subprocess.run(cmd, check=True, capture_output=True)
+            result = {"preset": args.preset, "dtype": args.dtype, "decode": decode(args, work / "run")}
+        else:
+            result = {"preset": args.preset, "pretrain": pretrain(args, work), "decode": decode(args, work / "run")}
     print(json.dumps(result, indent=2))
 
 
