@@ -11,8 +11,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from minimind.checkpoint import load_config
-from minimind.config import PRESETS, ModelConfig, TrainConfig, add_dataclass_args, merge_options, preset
+from minimind.config import (
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+    add_dataclass_args,
+    dataclass_overrides,
+    merge_options,
+    preset,
+)
 from minimind.data.packing import PackedRows
 from minimind.data.tokens import tokenize_files
 from minimind.engine import Trainer, evaluate_loss
@@ -51,24 +61,17 @@ def main(args: Any) -> None:
         if (out / "train_state.pt").exists():
             raise ConfigError(f"{out} already holds a training run; use --resume to continue it or another --out")
         tokenizer = Tokenizer.load(args.tokenizer)
-        from minimind.config import dataclass_overrides
-
-        overrides = {k: v for k, v in dataclass_overrides(args, ModelConfig).items() if k != "max_position_embeddings"}
+        # max_position_embeddings is skipped as a flag: the table must cover --max-seq-len.
+        positions = max(PRESETS[args.preset].get("max_position_embeddings", 32768), cfg.max_seq_len)
         model_cfg = preset(
             args.preset,
             vocab_size=tokenizer.vocab_size,
             pad_token_id=tokenizer.pad_id,
             bos_token_id=tokenizer.bos_id,
             eos_token_id=tokenizer.eos_id,
-            **{
-                "max_position_embeddings": max(
-                    PRESETS[args.preset].get("max_position_embeddings", 32768), cfg.max_seq_len
-                )
-            },
-            **overrides,
+            max_position_embeddings=positions,
+            **dataclass_overrides(args, ModelConfig),
         )
-        import torch
-
         torch.manual_seed(cfg.seed)
         model = MiniMind(model_cfg)
     if cfg.max_seq_len > model.cfg.max_position_embeddings:
