@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -108,6 +109,11 @@ class ModelConfig:
         return cls(**d)
 
 
+_MINIMIND3 = dict(
+    hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, qk_norm=True, intermediate_size=2432, rms_norm_eps=1e-6
+)
+_TINY = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=4096)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Upstream MiniMind2 family (rms eps 1e-5, no q/k norm).
     "minimind2-small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2),  # 25.83M
@@ -123,42 +129,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_shared_experts=1,
     ),  # 145.03M
     # Upstream minimind-3 family (q/k norm, 4 kv heads, FFN ceil(pi * d / 64) * 64).
-    "minimind3": dict(
-        hidden_size=768,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        qk_norm=True,
-        intermediate_size=2432,
-        rms_norm_eps=1e-6,
-    ),  # 63.91M
+    "minimind3": _MINIMIND3,  # 63.91M
     "minimind3-moe": dict(
-        hidden_size=768,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        qk_norm=True,
-        intermediate_size=2432,
-        rms_norm_eps=1e-6,
-        use_moe=True,
-        num_experts=4,
-        num_experts_per_tok=1,
-        num_shared_experts=0,
-        norm_topk_prob=False,
+        _MINIMIND3, use_moe=True, num_experts=4, num_experts_per_tok=1, num_shared_experts=0, norm_topk_prob=False
     ),  # 198.42M
     # Small enough to train on a laptop CPU in minutes: tests and the demo.
-    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=4096),
+    "tiny": _TINY,
     "tiny-moe": dict(
-        hidden_size=128,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=4096,
-        use_moe=True,
-        num_experts=4,
-        num_experts_per_tok=2,
-        num_shared_experts=1,
-        intermediate_size=256,
+        _TINY, use_moe=True, num_experts=4, num_experts_per_tok=2, num_shared_experts=1, intermediate_size=256
     ),
 }
 
@@ -263,9 +241,17 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     """Flags from a YAML file (keys as on the command line, with - or _)."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        """YAML 1.1 reads `1e-3` (no dot) as a string; read it as the float everyone means."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=Loader) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:

@@ -204,7 +204,7 @@ def test_yaml_config_and_flags(tokenizer_dir, demo_rows, tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
         f"preset: tiny\nmax-steps: 3\nbatch_size: 2\nmax_seq_len: {SEQ}\nhidden_size: 64\n"
-        f"num_layers: 2\naccumulation: 1\nlog_every: 1\nlr: 0.001\n"
+        f"num_layers: 2\naccumulation: 1\nlog_every: 1\nlr: 1e-3\n"
     )
     out = run_cli(
         [
