@@ -179,6 +179,8 @@ def add_dataclass_args(
         typ = _field_type(cls, f)
         conv = _parse_bool if typ is bool else typ
         default = f.default if f.default is not dataclasses.MISSING else None
+        # Booleans work bare (`--compile`) or with a value (`--compile false`, for YAML overrides).
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if typ is bool else {}
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -186,6 +188,7 @@ def add_dataclass_args(
             default=None,
             metavar=typ.__name__.upper(),
             help=f"(default: {default!r})",
+            **extra,
         )
 
 

@@ -228,3 +228,20 @@ def test_yaml_config_and_flags(tokenizer_dir, demo_rows, tmp_path):
 
     info = json.loads((tmp_path / "y" / "run.json").read_text())
     assert info["train_config"]["lr"] == 0.001 and info["train_config"]["max_steps"] == 2
+
+
+def test_bool_flags_work_bare_and_with_values():
+    """`--compile --resume` as the issue spells them, and `--doc-mask false` to beat a YAML value."""
+    import argparse
+
+    from minimind.config import TrainConfig, add_dataclass_args, dataclass_overrides
+
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, TrainConfig)
+    args = p.parse_args(["--compile", "--resume", "--doc-mask", "false", "--batch-size", "4"])
+    assert dataclass_overrides(args, TrainConfig) == {
+        "compile": True,
+        "resume": True,
+        "doc_mask": False,
+        "batch_size": 4,
+    }
