@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("minimind.generate", "continue a prompt with a run's model (KV-cached sampling)"),
     "data": ("minimind.data.demo", "data tools: `minimind data demo --out DIR` writes the built-in data set"),
     "pretrain": ("minimind.stages.pretrain", "pretrain a model on packed text (next-token prediction)"),
+    "sft": ("minimind.stages.sft", "supervised fine-tuning on conversations (loss on assistant replies only)"),
+    "lora": ("minimind.stages.lora", "train a LoRA adapter (`minimind lora merge` folds one into the weights)"),
+    "chat": ("minimind.chat", "chat with a run (interactive, or one answer with --prompt)"),
+    "eval": ("minimind.eval", "evaluate a run: ppl, mc (multiple choice), gsm8k"),
     "demo": ("minimind.demo", "run the end-to-end pipeline on built-in data (what `make demo` runs)"),
 }
 

@@ -148,6 +148,16 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
+def preset_of(cfg: ModelConfig) -> str | None:
+    """The preset whose shape `cfg` has (vocabulary aside), or None for a custom shape."""
+    keys = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "use_moe", "num_experts")
+    for name in PRESETS:
+        ref = preset(name)
+        if all(getattr(ref, k) == getattr(cfg, k) for k in keys):
+            return name
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataclass <-> argparse: every field becomes `--field-name VALUE`, defaulting to "not given".
 
@@ -264,9 +274,9 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def merge_options(args: argparse.Namespace, cls: type) -> Any:
-    """cls(defaults < YAML from --config < flags given explicitly)."""
-    values: dict[str, Any] = {}
+def merge_options(args: argparse.Namespace, cls: type, stage_defaults: dict[str, Any] | None = None) -> Any:
+    """cls(field defaults < the stage's defaults < YAML from --config < flags given explicitly)."""
+    values: dict[str, Any] = dict(stage_defaults or {})
     if getattr(args, "config", None):
         yaml_values = load_yaml_config(args.config)
         known = {f.name for f in fields(cls)} | set(vars(args))

@@ -26,6 +26,25 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--pretrain-steps", type=int, default=300)
 
 
+def first_question(conversation: list[dict]) -> tuple[list[dict], str]:
+    """(prompt messages up to the first user turn, the reference first reply)."""
+    k = next(i for i, m in enumerate(conversation) if m["role"] == "user")
+    return conversation[: k + 1], conversation[k + 1]["content"]
+
+
+def answer_accuracy(
+    model: torch.nn.Module, tok: Tokenizer, conversations: list[list[dict]], contains: str | None = None
+) -> tuple[float, list[str]]:
+    """Share of greedy answers to each conversation's first question that equal the reference reply
+    (or, with `contains`, that mention that text), and the answers themselves."""
+    prompts, refs = zip(*(first_question(c) for c in conversations))
+    ids = [tok.encode_chat(list(p), add_generation_prompt=True) for p in prompts]
+    out = generate(model, ids, SamplingParams(max_new_tokens=48, temperature=0, stop_ids=tok.stop_ids))
+    answers = [tok.decode(g.tokens, skip_special_tokens=True).strip() for g in out.generations]
+    hits = [(contains in a) if contains else (a == r) for a, r in zip(answers, refs)]
+    return sum(hits) / len(hits), answers
+
+
 def section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
 

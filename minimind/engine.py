@@ -26,7 +26,7 @@ from torch import nn
 
 from minimind.checkpoint import WEIGHTS, atomic_write, atomic_write_text, save_run
 from minimind.config import TrainConfig
-from minimind.data.packing import Batch, PackedRows, Sampler
+from minimind.data.packing import Batch, Rows, Sampler
 from minimind.errors import CheckpointError, ConfigError, MiniMindError
 from minimind.generate import resolve_device
 from minimind.losses import token_cross_entropy_sum
@@ -101,7 +101,7 @@ def precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, rows: PackedRows, batch_size: int = 16, max_rows: int = 256, device: torch.device | None = None
+    model: nn.Module, rows: Rows, batch_size: int = 16, max_rows: int = 256, device: torch.device | None = None
 ) -> float:
     """Mean next-token cross-entropy (nats/token) over the first `max_rows` rows."""
     was_training = model.training
@@ -115,6 +115,24 @@ def evaluate_loss(
         total, count = total + float(loss_sum), count + batch.num_tokens
     model.train(was_training)
     return total / max(count, 1)
+
+
+class RunCheckpoint:
+    """Where a stage's weights go: a full run directory (weights, config, tokenizer, run.json).
+
+    Stages that train only part of a model (LoRA) pass a subclass that writes just that part.
+    The weights file carries the step in its metadata, so resume can check it against train_state.pt.
+    """
+
+    weights = WEIGHTS
+
+    def save(self, trainer: Trainer, info: dict[str, Any], metadata: dict[str, str]) -> None:
+        save_run(trainer.out, trainer.model, trainer.tokenizer, info, weights_metadata=metadata)
+
+    def load(self, trainer: Trainer) -> None:
+        from minimind.checkpoint import load_weights
+
+        load_weights(trainer.model, trainer.out / WEIGHTS)
 
 
 @dataclass
@@ -132,12 +150,14 @@ class Trainer:
         cfg: TrainConfig,
         model: MiniMind,
         tokenizer: Tokenizer,
-        rows: PackedRows,
+        rows: Rows,
         info: dict[str, Any],
         loss_fn: LossFn = lm_loss,
+        checkpoint: RunCheckpoint | None = None,
     ):
         cfg.validate()
         self.cfg, self.tokenizer, self.rows, self.info, self.loss_fn = cfg, tokenizer, rows, info, loss_fn
+        self.checkpoint = checkpoint or RunCheckpoint()
         self.rank, self.world, self.device = setup_distributed(cfg.device)
         self.dtype = precision(cfg, self.device)
         self.out = Path(cfg.out)
@@ -253,7 +273,7 @@ class Trainer:
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
-            where = f"{self.out / WEIGHTS}" if (self.out / STATE).exists() else "no checkpoint was written yet"
+            where = f"{self.out / self.checkpoint.weights}" if (self.out / STATE).exists() else "no checkpoint was written yet"
             raise TrainingError(
                 f"loss is {loss} at step {self.step}; stopped without saving. Last good "
                 f"checkpoint: {where}. Try a lower --lr or --dtype float32."
@@ -329,7 +349,7 @@ class Trainer:
             "tokens": self.tokens_seen,
             "train_config": asdict(self.cfg),
         }
-        save_run(self.out, self.model, self.tokenizer, info, weights_metadata={"step": str(self.step)})
+        self.checkpoint.save(self, info, {"step": str(self.step)})
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -345,20 +365,19 @@ class Trainer:
         """Weights from model.safetensors, everything else from train_state.pt; both must be the same step."""
         from safetensors import safe_open
 
-        from minimind.checkpoint import load_weights
-
         path = self.out / STATE
         if not path.is_file():
             raise CheckpointError(f"{path}: nothing to resume (no train_state.pt); drop --resume to start fresh")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        with safe_open(str(self.out / WEIGHTS), "pt") as f:
+        weights = self.out / self.checkpoint.weights
+        with safe_open(str(weights), "pt") as f:
             weights_step = int((f.metadata() or {}).get("step", -1))
         if weights_step != state["step"]:
             raise CheckpointError(
-                f"{self.out}: model.safetensors is from step {weights_step} but train_state.pt "
+                f"{self.out}: {weights.name} is from step {weights_step} but train_state.pt "
                 f"from step {state['step']} (interrupted save?); cannot resume exactly"
             )
-        load_weights(self.model, self.out / WEIGHTS)
+        self.checkpoint.load(self)
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

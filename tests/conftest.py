@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,12 @@ from minimind.config import ModelConfig
 from minimind.data.demo import pretrain_texts
 from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each (and in the subprocesses they start). Two threads
+    # per worker oversubscribe the cores and made some tests 10x slower.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # Tiny shapes that still exercise every feature: GQA, q/k norm, MoE, YaRN.
 TINY = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512)
@@ -71,3 +79,70 @@ def tiny_run(tokenizer, tmp_path):
 
     init_run("tiny", tokenizer, tmp_path / "run", seed=0, hidden_size=64, num_layers=2)
     return tmp_path / "run"
+
+
+def _run_cli(*args) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "minimind", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _build_pipeline(root) -> dict:
+    """demo data -> tokenizer -> pretrain (tiny) -> SFT -> LoRA identity adapter, all through the CLI."""
+    from minimind.data.demo import write_demo_data
+    from minimind.data.readers import iter_texts
+
+    files = write_demo_data(root / "data", scale=0.5)
+    tok = Tokenizer.train(iter_texts([files["pretrain"], files["sft"]]), vocab_size=1024)
+    tok.save(root / "tokenizer")
+    common = ["--max-seq-len", 128, "--batch-size", 16, "--accumulation", 1, "--log-every", 50]
+    common += ["--cache-dir", root / "cache", "--seed", 0]
+    logs = {}
+    logs["pretrain"] = _run_cli(
+        "pretrain", "--data", files["pretrain"], "--tokenizer", root / "tokenizer", "--preset", "tiny",
+        "--out", root / "pretrain", "--lr", 3e-3, "--max-steps", 200, "--warmup-steps", 10, *common,
+    )  # fmt: skip
+    logs["sft"] = _run_cli(
+        "sft", "--from", root / "pretrain", "--data", files["sft"], "--eval-data", files["sft_heldout"],
+        "--out", root / "sft", "--max-steps", 200, "--warmup-steps", 10, *common,
+    )  # fmt: skip
+    logs["lora"] = _run_cli(
+        "lora", "--from", root / "sft", "--data", files["identity"], "--name", "identity",
+        "--max-steps", 80, "--warmup-steps", 5, *common,
+    )  # fmt: skip
+    return {
+        "files": files,
+        "tokenizer": root / "tokenizer",
+        "pretrain": root / "pretrain",
+        "sft": root / "sft",
+        "lora": root / "sft" / "lora" / "identity",
+        "logs": logs,
+    }
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, worker_id):
+    """The demo pipeline at test scale, built once per test session even under xdist (file lock)."""
+    import fcntl
+    import json
+    from pathlib import Path
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base if worker_id == "master" else base.parent) / "pipeline"  # one per session
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "done.json"
+        if not done.exists():
+            result = _build_pipeline(shared)
+            done.write_text(json.dumps(result, default=str))
+        data = json.loads(done.read_text())
+    data["files"] = {k: Path(v) for k, v in data["files"].items()}
+    for k in ("tokenizer", "pretrain", "sft", "lora"):
+        data[k] = Path(data[k])
+    return data

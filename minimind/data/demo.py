@@ -35,6 +35,7 @@ COLORS = [
 ]
 THINGS = [("apple", "苹果"), ("sky", "天空"), ("leaf", "叶子"), ("sun", "太阳"), ("snow", "雪"), ("night", "夜晚")]
 THING_COLOR = {"apple": 0, "sky": 1, "leaf": 2, "sun": 3, "snow": 4, "night": 5}
+ASSISTANTS = ["Lumi", "Nova", "Pip", "Kiko"]  # so the words of an identity answer are not new to the model
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
@@ -50,7 +51,7 @@ class World:
         """One short paragraph of true statements about the world, in English or Chinese."""
         out = []
         for _ in range(rng.randint(2, 4)):
-            kind = rng.randrange(5)
+            kind = rng.randrange(6)
             i = rng.randrange(len(NAMES))
             animal = ANIMALS[self.pet[i]]
             if kind == 0:
@@ -83,9 +84,21 @@ class World:
                         ]
                     )
                 )
-            else:
+            elif kind == 4:
                 a, b = rng.randint(10, 60), rng.randint(1, 39)
                 out.append(rng.choice([f"{a} + {b} = {a + b}.", f"{a + b} - {b} = {a}."]))
+            else:
+                name = rng.choice(ASSISTANTS)
+                out.append(
+                    rng.choice(
+                        [
+                            f"{name} is a small assistant trained with MiniMind.",
+                            f'"My name is {name}," said the assistant.',
+                            f"{name}是一个用 MiniMind 训练的小助手。",
+                            f"我的朋友叫{name}。",
+                        ]
+                    )
+                )
         return [" ".join(out)]
 
 
@@ -202,22 +215,58 @@ IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.
 
 
 def identity_records(n: int, seed: int, name: str = "Lumi") -> list[dict]:
-    """Identity Q&A for a LoRA adapter: the model learns a new name."""
-    rng = random.Random(seed)
+    """Identity Q&A for a LoRA adapter (the model learns a new name), mixed 1:1 with ordinary
+    questions so that the adapter learns *when* to say its name instead of saying it to everything."""
+    world, rng = World(0), random.Random(seed)
     answers = [
         f"I am {name}, a small assistant trained with MiniMind.",
         f"My name is {name}.",
         f"我是{name}，一个用 MiniMind 训练的小助手。",
     ]
-    return [
-        {
-            "conversations": [
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": rng.choice([a for a in answers if (q[0] > "~") == (a[0] > "~")])},
-            ]
-        }
-        for q in rng.choices(IDENTITY_QUESTIONS, k=n)
-    ]
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            q = rng.choice(IDENTITY_QUESTIONS)
+            a = rng.choice([a for a in answers if (q[0] > "~") == (a[0] > "~")])
+        else:
+            q, a, _ = qa_pair(world, rng)
+        out.append({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return out
+
+
+def mc_records(n: int, seed: int) -> list[dict]:
+    """Multiple choice for `minimind eval --task mc`: a question, four answers, one right."""
+    world, rng = World(0), random.Random(seed)
+    out = []
+    for _ in range(n):
+        i, kind = rng.randrange(len(NAMES)), rng.randrange(3)
+        if kind == 0:
+            q = f"Where does {NAMES[i]} live?"
+            options = [f"{NAMES[i]} lives in {t}." for t in TOWNS]
+            good = options[world.home[i]]
+        elif kind == 1:
+            q = f"What pet does {NAMES[i]} have?"
+            options = [f"{NAMES[i]} has a {a[0]}." for a in ANIMALS]
+            good = options[world.pet[i]]
+        else:
+            a, b = rng.randint(0, 60), rng.randint(0, 39)
+            q = f"What is {a} + {b}?"
+            options = [f"{a} + {b} = {a + b + d}." for d in (-10, -2, -1, 0, 1, 2, 10)]
+            good = options[3]
+        choices = [good, *rng.sample([o for o in options if o != good], 3)]
+        rng.shuffle(choices)
+        out.append({"question": q, "choices": choices, "answer": choices.index(good)})
+    return out
+
+
+def math_records(n: int, seed: int) -> list[dict]:
+    """Word-free arithmetic in GSM8K's answer format (`#### N`) for `minimind eval --task gsm8k`."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 60), rng.randint(0, 39)
+        out.append({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+    return out
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -234,7 +283,9 @@ DATASETS = {
     "dpo": (dpo_records, 1500, 100),
     "rl": (rl_records, 500, 50),
     "reason": (reasoning_records, 1500, 100),
-    "identity": (identity_records, 300, 20),
+    "identity": (identity_records, 600, 40),
+    "mc": (mc_records, 200, 100),
+    "math": (math_records, 200, 100),
 }
 
 

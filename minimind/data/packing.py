@@ -10,6 +10,7 @@ inside a document and positions restart at each one, exactly as if documents wer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,6 +32,14 @@ class Batch:
     def num_tokens(self) -> int:
         """Tokens that carry loss (counted on the host, before the batch moves to a device)."""
         return int((self.labels != IGNORE).sum())
+
+
+class Rows(Protocol):
+    """What the engine trains on: a number of rows, and a batch for any list of row indices."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: np.ndarray) -> Batch: ...
 
 
 class PackedRows:

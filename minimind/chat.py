@@ -1,0 +1,311 @@
+"""`minimind chat`: talk to a run, one answer (`--prompt`) or a multi-turn session on stdin.
+
+A chat-trained run (any stage after pretraining) gets the chat template with the conversation so
+far; a pretrained-only run (stage `init` or `pretrain`) has never seen the template, so each line
+is simply continued as text, `<|im_start|>` + text (upstream's "model_mode 0"). Answers stream
+through the shared engine (`minimind.generate`). `<think>…</think>` reasoning is split from the
+answer on the decoded text (so a tag spread over several tokens works too) and shown dim on a
+terminal, as `[think] … [/think]` elsewhere, or not at all with `--no-think`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from minimind.errors import ConfigError
+from minimind.generate import (
+    GenerateOutput,
+    SamplingParams,
+    add_sampling_arguments,
+    generate,
+    resolve_device,
+    rope_overrides,
+    sampling_params,
+)
+from minimind.model import MiniMind
+from minimind.tokenizer import StreamDecoder, Tokenizer
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TEXT_STAGES = ("pretrain", "init")  # runs that never saw the chat template
+
+
+def _tag_prefix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `tag`."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
+
+
+class ThinkFilter:
+    """Splits streamed text into ("think", text) and ("answer", text) pieces at the think tags.
+
+    Pure and incremental: the tags are removed (a stray one too, such as `</think>` outside a
+    block), and a tail that could be the start of a tag is held back until the next chunk decides
+    it, so no partial tag is ever emitted.
+
+    >>> f = ThinkFilter()
+    >>> f.push("<th") + f.push("ink>hm</think>ok") + f.flush()
+    [('think', 'hm'), ('answer', 'ok')]
+    """
+
+    def __init__(self, in_think: bool = False):
+        self.in_think = in_think  # True when the prompt already opened the block
+        self.buffer = ""
+
+    @property
+    def kind(self) -> str:
+        return "think" if self.in_think else "answer"
+
+    def push(self, text: str) -> list[tuple[str, str]]:
+        self.buffer += text
+        out: list[tuple[str, str]] = []
+        while True:
+            found = [(at, tag) for tag in (THINK_OPEN, THINK_CLOSE) if (at := self.buffer.find(tag)) >= 0]
+            if not found:
+                break
+            at, tag = min(found)
+            if at:
+                out.append((self.kind, self.buffer[:at]))
+            self.buffer = self.buffer[at + len(tag) :]
+            self.in_think = tag == THINK_OPEN  # a stray tag (</think> outside a block) is just dropped
+        hold = max(_tag_prefix(self.buffer, tag) for tag in (THINK_OPEN, THINK_CLOSE))
+        ready, self.buffer = self.buffer[: len(self.buffer) - hold], self.buffer[len(self.buffer) - hold :]
+        if ready:
+            out.append((self.kind, ready))
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        """What is still held back (the end of the text was not a tag after all)."""
+        text, self.buffer = self.buffer, ""
+        return [(self.kind, text)] if text else []
+
+
+def split_think(text: str, in_think: bool = False) -> tuple[str, str]:
+    """(reasoning, answer) of a whole reply, each stripped."""
+    f = ThinkFilter(in_think)
+    parts = {"think": "", "answer": ""}
+    for kind, piece in f.push(text) + f.flush():
+        parts[kind] += piece
+    return parts["think"].strip(), parts["answer"].strip()
+
+
+class Display:
+    """Prints filtered pieces as they stream: reasoning dim (terminal) or in `[think] … [/think]`.
+
+    Whitespace at the start and end of each part is dropped (the model writes `<think>\\n…\\n</think>\\n`),
+    by holding trailing whitespace back until more text follows in the same part.
+    """
+
+    def __init__(self, out: TextIO, tty: bool, show_think: bool = True):
+        self.out, self.show_think = out, show_think
+        self.open, self.close = ("\033[2m", "\033[0m\n") if tty else ("[think] ", " [/think]\n")
+        self.kind: str | None = None
+        self.started, self.pending = False, ""
+
+    def write(self, kind: str, text: str) -> None:
+        if kind == "think" and not self.show_think:
+            return
+        if kind != self.kind:
+            self._close()
+            self.kind, self.started, self.pending = kind, False, ""
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return
+            self.started = True
+            if kind == "think":
+                self.out.write(self.open)
+        body = text.rstrip()
+        if body:
+            self.out.write(self.pending + body)
+            self.pending = text[len(body) :]
+        else:
+            self.pending += text
+        self.out.flush()
+
+    def _close(self) -> None:
+        if self.kind == "think" and self.started:
+            self.out.write(self.close)
+
+    def end(self) -> None:
+        """Close the answer with a newline (or a reasoning part left open by a length cut)."""
+        self._close()
+        if self.kind == "answer" and self.started:
+            self.out.write("\n")
+        self.out.flush()
+        self.kind, self.started, self.pending = None, False, ""
+
+
+class Session:
+    """The conversation so far and how it becomes prompt ids (no model: unit-testable)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat: bool = True,
+        system: str | None = None,
+        max_turns: int | None = None,
+        budget: int | None = None,
+        enable_thinking: bool | None = None,
+    ):
+        if max_turns is not None and max_turns < 0:
+            raise ConfigError("--history must be >= 0")
+        self.tokenizer, self.chat, self.system = tokenizer, chat, system
+        self.max_turns, self.budget, self.enable_thinking = max_turns, budget, enable_thinking
+        self.history: list[tuple[str, str]] = []  # (user, assistant) exchanges
+
+    def prompt(self, user: str) -> tuple[list[int], int]:
+        """(prompt ids, exchanges of history they include).
+
+        Keeps the last `max_turns` exchanges, then drops the oldest until the prompt fits `budget`
+        (max positions minus the tokens to generate). Text mode ignores history: it continues the line.
+        """
+        tok = self.tokenizer
+        if not self.chat:
+            ids, turns = [tok.bos_id] + tok.encode(user), []
+        else:
+            turns = self.history[len(self.history) - self.max_turns :] if self.max_turns is not None else self.history
+            while True:
+                messages = [{"role": "system", "content": self.system}] if self.system else []
+                for u, a in turns:
+                    messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+                messages.append({"role": "user", "content": user})
+                ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=self.enable_thinking)
+                if self.budget is None or len(ids) <= self.budget or not turns:
+                    break
+                turns = turns[1:]
+        if self.budget is not None and len(ids) > self.budget:
+            raise ConfigError(
+                f"the prompt needs {len(ids)} tokens but only {max(self.budget, 0)} fit in the model's context "
+                "beside --max-new-tokens; shorten the message or lower --max-new-tokens"
+            )
+        return ids, len(turns)
+
+    def add(self, user: str, reply: str) -> None:
+        """Remember an exchange (text mode keeps none). Without thinking, the reasoning is not kept."""
+        if not self.chat:
+            return
+        if self.enable_thinking is False:
+            reply = split_think(reply)[1]
+        elif self.enable_thinking:
+            reply = THINK_OPEN + "\n" + reply  # the prompt opened the block; store it whole
+        self.history.append((user, reply))
+        if self.max_turns is not None:
+            self.history = self.history[len(self.history) - self.max_turns :] if self.max_turns else []
+
+    def reset(self) -> None:
+        self.history = []
+
+
+def reply(
+    model: MiniMind, session: Session, user: str, params: SamplingParams, display: Display
+) -> tuple[str, GenerateOutput]:
+    """Generate, stream and remember one answer; returns (decoded reply without the stop token, output)."""
+    tok = session.tokenizer
+    ids, _ = session.prompt(user)
+    decoder, splitter = StreamDecoder(tok), ThinkFilter(in_think=bool(session.enable_thinking))
+
+    def on_token(_row: int, token: int) -> None:
+        if token not in params.stop_ids:
+            for kind, text in splitter.push(decoder.push(token)):
+                display.write(kind, text)
+
+    out = generate(model, [ids], params, on_token=on_token)
+    for kind, text in splitter.push(decoder.flush()) + splitter.flush():
+        display.write(kind, text)
+    display.end()
+    g = out.generations[0]
+    text = tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
+    session.add(user, text)
+    return text, out
+
+
+def read_lines(stdin: TextIO) -> Iterator[str]:
+    """User lines: with a `> ` prompt and line editing on a terminal, plain lines from a pipe."""
+    if stdin.isatty():
+        while True:
+            try:
+                yield input("> ")
+            except EOFError:
+                print()
+                return
+    else:
+        for line in stdin:
+            yield line.rstrip("\r\n")
+
+
+# ---- CLI: minimind chat RUN_DIR [--prompt TEXT] [...] -------------------------------------------
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", help="answer this one message and exit (otherwise: chat on stdin)")
+    p.add_argument("--system", help="a system message at the start of the conversation")
+    p.add_argument("--lora", metavar="DIR", help="apply this LoRA adapter (from `minimind lora`) at load")
+    p.add_argument(
+        "--history", type=int, default=None, metavar="N", help="keep only the last N exchanges (default: all that fit)"
+    )
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_const", const=True, help="open a <think> block")
+    think.add_argument(
+        "--no-think", dest="think", action="store_const", const=False, help="answer directly; hide any reasoning"
+    )
+    p.add_argument("--verbose", action="store_true", help="print token counts and speed to stderr after each answer")
+    add_sampling_arguments(p)
+
+
+def main(args: Any) -> None:
+    from minimind.checkpoint import load_config, load_run
+
+    run = load_run(args.run_dir, device=resolve_device(args.device), **rope_overrides(args, load_config(args.run_dir)))
+    if args.lora:
+        from minimind.lora import load_adapter
+
+        load_adapter(run.model, args.lora)
+        run.model.eval()  # the injected layers are new modules, in training mode
+    tok = run.tokenizer
+    params = sampling_params(args, tok.stop_ids)
+    params.validate()
+    chat = run.info.get("stage") not in TEXT_STAGES
+    session = Session(
+        tok,
+        chat=chat,
+        system=args.system,
+        max_turns=args.history,
+        budget=run.cfg.max_position_embeddings - params.max_new_tokens,
+        enable_thinking=args.think,
+    )
+    tty = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    display = Display(sys.stdout, tty, show_think=args.think is not False)
+
+    def turn(text: str) -> None:
+        _, out = reply(run.model, session, text, params, display)
+        if args.verbose:
+            print(
+                f"[prompt {out.prompt_tokens} tokens, {out.new_tokens} tokens, {out.decode_tokens_per_s:.1f} tok/s]",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    if args.prompt is not None:
+        turn(args.prompt)
+        return
+    if not chat:
+        print(f"({run.info.get('stage')} run: no chat template, each line is continued as text)", file=sys.stderr)
+    elif sys.stdin.isatty():
+        print("(/reset clears the conversation, /exit leaves)", file=sys.stderr)
+    for line in read_lines(sys.stdin):
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr, flush=True)
+            continue
+        try:
+            turn(line)
+        except ConfigError as e:  # e.g. a message too long for the context: say so, keep chatting
+            print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,523 @@
+"""Evaluate a run: perplexity and bits per byte, multiple choice by log-likelihood, GSM8K by generation.
+
+ppl    documents (pretrain `{"text"}` / .txt: every token of `<|im_start|> text <|im_end|>` after the
+       first; SFT `{"conversations"}`: only the trained assistant tokens, each reply's `<|im_end|>`
+       included) scored by one forward pass each:
+           nll = -(1/N) sum_t log p(x_t | x_<t),   ppl = exp(nll),   bpb = N nll / ln 2 / bytes
+       where bytes is the UTF-8 size of the scored text (the documents; for SFT, the assistant replies).
+       A document longer than --max-seq-len is cut into windows of max_seq_len + 1 tokens that overlap
+       by one token: every target is scored exactly once, each window starting with no earlier context.
+mc     each option scored as the continuation of the question:  s(o) = sum_t log p(o_t | prompt, o_<t).
+       accuracy takes argmax s(o); accuracy_norm takes argmax s(o) / |o| (tokens); chance = mean 1/k.
+       Pretrain/init runs see `Question: q\\nAnswer:` + " " + option; chat runs see the question as a
+       user turn and the option (plus its `<|im_end|>`) as the assistant's reply.
+gsm8k  greedy generation, then the predicted number (`#### N`, else `<answer>N</answer>`, else the
+       last number) compared with the reference as a number (72.0 == 72). Exact-match accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minimind.checkpoint import Run
+from minimind.data.readers import iter_jsonl
+from minimind.errors import ConfigError, DataError
+from minimind.model import MiniMind
+from minimind.tokenizer import Tokenizer
+
+TASKS = ("ppl", "mc", "gsm8k")
+PLAIN_STAGES = ("pretrain", "init")  # runs that never saw the chat template
+Prompt = str | list[dict[str, str]]  # plain text, or chat messages
+
+# ---- scoring: log-probabilities of the tokens of given sequences ------------------------------
+
+
+@torch.inference_mode()
+def token_logprobs(model: MiniMind, seqs: list[list[int]], batch_size: int = 16) -> list[np.ndarray]:
+    """log p(x_t | x_<t) for t = 1..n-1 of every sequence x (n - 1 values each, float32).
+
+    Sequences are sorted by length and right-padded into batches. Right padding needs no mask:
+    causal attention never looks ahead, so every real token sees (and is placed) as if alone.
+    """
+    device = next(model.parameters()).device
+    out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(seqs)
+    order = sorted((i for i in range(len(seqs)) if len(seqs[i]) > 1), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = len(seqs[rows[0]]) - 1
+        inputs = torch.full((len(rows), width), model.cfg.pad_token_id, dtype=torch.long)
+        targets = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            s = torch.tensor(seqs[i], dtype=torch.long)
+            inputs[r, : len(s) - 1], targets[r, : len(s) - 1] = s[:-1], s[1:]
+        logits = model(inputs.to(device)).logits.float()
+        # log softmax at the target only: logit[target] - logsumexp(logits), no (B, T, V) copy.
+        logp = logits.gather(-1, targets.to(device)[..., None]).squeeze(-1) - logits.logsumexp(-1)
+        logp = logp.cpu().numpy()
+        for r, i in enumerate(rows):
+            out[i] = logp[r, : len(seqs[i]) - 1]
+    return out
+
+
+def windows(ids: list[int], scored: np.ndarray, max_len: int) -> list[tuple[list[int], np.ndarray]]:
+    """Cut x (n tokens, `scored[t-1]` says whether target x_t counts) into pieces of at most
+    max_len + 1 tokens overlapping by one, so each target is predicted exactly once."""
+    return [(ids[s : s + max_len + 1], scored[s : s + max_len]) for s in range(0, max(len(ids) - 1, 1), max_len)]
+
+
+def render_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool) -> str:
+    """The prompt as the model reads it: for chat, the messages (a string is one user turn) in the
+    chat template plus `<|im_start|>assistant\\n`; plain text as it is."""
+    if not chat:
+        if not isinstance(prompt, str):
+            raise ConfigError("a plain prompt is text, not messages (score it with chat=True)")
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.render_chat(messages, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool) -> list[int]:
+    """Prompt ids; a plain prompt starts with BOS, as every pretraining document does."""
+    ids = tokenizer.encode(render_prompt(tokenizer, prompt, chat))
+    return ids if chat else [tokenizer.bos_id] + ids
+
+
+def score_options(
+    model: MiniMind,
+    tokenizer: Tokenizer,
+    prompts_and_options: list[tuple[Prompt, list[str]]],
+    chat: bool,
+    batch_size: int = 16,
+    max_len: int | None = None,
+) -> list[list[tuple[float, int]]]:
+    """(sum_t log p(o_t | prompt, o_<t), number of tokens) of every option o of every prompt.
+
+    Chat: the option is the assistant's reply and its closing `<|im_end|>` is scored too. Plain:
+    the option's text is scored exactly as given (pass " " + option after "Answer:"). Prompt and
+    option are encoded separately and joined, so every option sees the same prompt ids. A pair
+    longer than max_len + 1 tokens loses the start of its prompt. All pairs are batched together.
+    """
+    max_len = min(max_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
+    seqs, spans = [], []
+    for prompt, options in prompts_and_options:
+        p = encode_prompt(tokenizer, prompt, chat)
+        for option in options:
+            c = tokenizer.encode(option) + ([tokenizer.eos_id] if chat else [])
+            seqs.append((p + c)[-(max_len + 1) :])
+            spans.append(min(len(c), len(seqs[-1]) - 1))
+    logps = token_logprobs(model, seqs, batch_size)
+    flat = [(float(lp[len(lp) - n :].sum()), n) for lp, n in zip(logps, spans)]
+    it = iter(flat)
+    return [[next(it) for _ in options] for _, options in prompts_and_options]
+
+
+# ---- answer extraction --------------------------------------------------------------------------
+
+# A minus sign belongs to the number unless a digit stands right before it ("5-3" is 5 and 3).
+NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+BARE_NUMBER = re.compile(rf"\s*\$?\s*{NUMBER.pattern}\s*\.?\s*")
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def extract_number(text: str) -> str | None:
+    """The final number of a reply: the first after the last `####`, else the last inside
+    `<answer>...</answer>`, else the last in the text; thousands commas, `$` and a trailing "."
+    dropped, the rest as written ("#### $1,000." -> "1000"). None when there is no number.
+
+    >>> extract_number("48+24 = <<48+24=72>>72 clips.\\n#### 72")
+    '72'
+    """
+    text = text.replace("\u2212", "-")  # Unicode minus
+    if "####" in text and (found := NUMBER.findall(text.rpartition("####")[2])):
+        return found[0].replace(",", "")
+    for inside in reversed(ANSWER_TAG.findall(text)):
+        if found := NUMBER.findall(inside):
+            return found[-1].replace(",", "")
+    found = NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    """Equal as numbers: "72.0" == "72", "-3.50" == "-3.5"."""
+    try:
+        return a is not None and b is not None and Decimal(a.replace(",", "")) == Decimal(b.replace(",", ""))
+    except InvalidOperation:
+        return False
+
+
+# ---- reading: multiple choice and GSM8K ---------------------------------------------------------
+
+
+@dataclass
+class MCItem:
+    question: str
+    choices: list[str]
+    answer: int  # index into choices
+    letters: list[str]  # the label of each choice (A, B, ...)
+    where: str  # FILE:LINE
+
+
+def read_mc(path: str | Path) -> list[MCItem]:
+    """C-Eval/CMMLU-style CSV (header with Question, option letters, Answer; other columns such as
+    an id are ignored) or JSONL `{"question", "choices": [...], "answer": index or letter}`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return read_mc_csv(path) if path.suffix.lower() == ".csv" else read_mc_jsonl(path)
+
+
+def _mc_item(where: str, question: Any, choices: list[Any], letters: list[str], answer: str) -> MCItem:
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: 'question' is missing or empty")
+    kept = [(letter, c) for letter, c in zip(letters, choices) if isinstance(c, str) and c.strip()]
+    if len(kept) < 2:
+        raise DataError(f"{where}: needs at least 2 non-empty choices, has {len(kept)}")
+    labels = [letter for letter, _ in kept]
+    if answer not in labels:
+        raise DataError(f"{where}: answer {answer!r} is not among the options {', '.join(labels)}")
+    return MCItem(question.strip(), [c.strip() for _, c in kept], labels.index(answer), labels, where)
+
+
+def read_mc_csv(path: Path) -> list[MCItem]:
+    items = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            cols = [h.strip().lower() for h in header or []]
+            letter_cols = [i for i, h in enumerate(cols) if len(h) == 1 and h.isalpha()]
+            if "question" not in cols or "answer" not in cols or len(letter_cols) < 2:
+                raise DataError(f"{path}:1: header needs Question, option letters (A, B, ...) and Answer")
+            q, a = cols.index("question"), cols.index("answer")
+            letters = [cols[i].upper() for i in letter_cols]
+            line = reader.line_num + 1
+            for row in reader:
+                where, line = f"{path}:{line}", reader.line_num + 1
+                if not row:
+                    continue
+                if len(row) != len(cols):
+                    raise DataError(f"{where}: {len(row)} columns, expected {len(cols)} ({','.join(header or [])})")
+                choices = [row[i] for i in letter_cols]
+                items.append(_mc_item(where, row[q], choices, letters, row[a].strip().upper()))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    if not items:
+        raise DataError(f"{path}: no questions")
+    return items
+
+
+def read_mc_jsonl(path: Path) -> list[MCItem]:
+    items = []
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        choices, answer = obj.get("choices"), obj.get("answer")
+        if not isinstance(choices, list):
+            raise DataError(f"{where}: 'choices' must be a list of option strings")
+        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+            answer = letters[answer]
+        elif not isinstance(answer, str):
+            raise DataError(f"{where}: 'answer' must be a choice index or letter, got {answer!r}")
+        items.append(_mc_item(where, obj.get("question"), choices, letters, answer.strip().upper()))
+    return items
+
+
+@dataclass
+class MathItem:
+    question: str
+    answer: str  # the full reference solution
+    reference: str  # its final number
+    where: str
+
+
+def read_gsm8k(path: str | Path) -> list[MathItem]:
+    """JSONL `{"question", "answer"}`; the reference is the number after `####`, or a bare number."""
+    items = []
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        question, answer = obj.get("question"), obj.get("answer")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where}: 'question' is missing or empty")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str):
+            raise DataError(f"{where}: 'answer' must be a string ending in '#### N', or a number")
+        final = answer.rpartition("####")[2] if "####" in answer else answer
+        found = NUMBER.findall(final) if "####" in answer or BARE_NUMBER.fullmatch(answer) else []
+        if not found:
+            raise DataError(f"{where}: no number in 'answer' (expected '... #### N' or a bare number)")
+        items.append(MathItem(question.strip(), answer, found[0].replace(",", ""), where))
+    return items
+
+
+# ---- prompts --------------------------------------------------------------------------------------
+
+
+def build_prompt(question: str, shots: list[tuple[str, str]], chat: bool) -> Prompt:
+    """Few-shot prompt: solved (question, answer) examples first, as earlier turns for chat runs."""
+    if chat:
+        messages = []
+        for q, a in shots:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return messages + [{"role": "user", "content": question}]
+    return "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots) + f"Question: {question}\nAnswer:"
+
+
+def is_chat(run: Run, prompt_style: str = "auto") -> bool:
+    """Chat template unless the run never saw it (stage pretrain or init), or the style is forced."""
+    if prompt_style not in ("auto", "plain", "chat"):
+        raise ConfigError(f"prompt style must be auto, plain or chat, not {prompt_style!r}")
+    return prompt_style == "chat" or (prompt_style == "auto" and run.info.get("stage") not in PLAIN_STAGES)
+
+
+# ---- the three tasks ------------------------------------------------------------------------------
+
+
+def eval_ppl(run: Run, path: Path, limit: int | None, batch_size: int, max_len: int) -> tuple[dict, list[dict]]:
+    from minimind.data.chat import encode_conversations, iter_conversations
+    from minimind.data.tokens import ReadStats, iter_pretrain_texts
+
+    tok = run.tokenizer
+    first = None if path.suffix == ".txt" else next(iter_jsonl(path))
+    if first is not None and "text" not in first[1] and "conversations" not in first[1]:
+        raise DataError(f'{path}:{first[0]}: expected {{"text": ...}} (pretrain) or {{"conversations": [...]}} (SFT)')
+    sft = first is not None and "text" not in first[1]
+    docs: list[tuple[str, list[int], np.ndarray, int]] = []  # (preview, ids, scored targets, bytes)
+    if sft:
+        convs = list(itertools.islice(iter_conversations([path]), limit))
+        for msgs, (ids, trained, _) in zip(convs, encode_conversations(tok, convs)):
+            replies = [m["content"] for m in msgs if m["role"] == "assistant"]
+            docs.append((replies[0], ids.tolist(), trained[1:], sum(len(r.encode()) for r in replies)))
+    else:
+        texts = list(itertools.islice(iter_pretrain_texts([path], ReadStats()), limit))
+        for text, ids in zip(texts, tok.encode_batch(texts)):
+            seq = [tok.bos_id, *ids, tok.eos_id]
+            docs.append((text, seq, np.ones(len(seq) - 1, dtype=bool), len(text.encode())))
+    pieces = [(d, w) for d, (_, ids, scored, _) in enumerate(docs) for w in windows(ids, scored, max_len)]
+    logps = token_logprobs(run.model, [w[0] for _, w in pieces], batch_size)
+    nll, count = np.zeros(len(docs)), np.zeros(len(docs), dtype=np.int64)
+    for (d, (_, scored)), lp in zip(pieces, logps):
+        nll[d] -= float(lp[scored].astype(np.float64).sum())
+        count[d] += int(scored.sum())
+    tokens, total, nbytes = int(count.sum()), float(nll.sum()), sum(d[3] for d in docs)
+    if tokens == 0:
+        raise DataError(f"{path}: nothing to score")
+    mean = total / tokens
+    metrics = {"ppl": math.exp(mean), "nll": mean, "bpb": total / math.log(2) / max(nbytes, 1)}
+    metrics |= {"tokens": tokens, "bytes": nbytes, "format": "sft" if sft else "pretrain"}
+    items = [
+        {"text": d[0][:200], "tokens": int(c), "bytes": d[3], "nll": n / max(c, 1), "ppl": math.exp(n / max(c, 1))}
+        for d, n, c in zip(docs, nll.tolist(), count.tolist())
+    ]
+    return metrics, items
+
+
+def eval_mc(
+    run: Run, path: Path, limit: int | None, batch_size: int, max_len: int, chat: bool, shots: list[MCItem]
+) -> tuple[dict, list[dict]]:
+    items = read_mc(path)[:limit]
+    chance = [1 / len(it.choices) for it in items]
+    examples = [(s.question, s.choices[s.answer]) for s in shots]
+    prompts = [build_prompt(it.question, examples, chat) for it in items]
+    pairs = [(p, [c if chat else " " + c for c in it.choices]) for p, it in zip(prompts, items)]
+    scores = score_options(run.model, run.tokenizer, pairs, chat, batch_size, max_len)
+    results = []
+    for it, prompt, row in zip(items, prompts, scores):
+        pick, pick_norm = int(np.argmax([s for s, _ in row])), int(np.argmax([s / max(n, 1) for s, n in row]))
+        results.append(
+            {
+                "where": it.where,
+                "question": it.question,
+                "prompt": render_prompt(run.tokenizer, prompt, chat),
+                "choices": dict(zip(it.letters, it.choices)),
+                "reference": it.letters[it.answer],
+                "prediction": it.letters[pick],
+                "prediction_norm": it.letters[pick_norm],
+                "correct": pick == it.answer,
+                "scores": [s for s, _ in row],
+                "tokens": [n for _, n in row],
+            }
+        )
+    accuracy = float(np.mean([r["correct"] for r in results]))
+    accuracy_norm = float(np.mean([r["prediction_norm"] == r["reference"] for r in results]))
+    return {"accuracy": accuracy, "accuracy_norm": accuracy_norm, "chance": float(np.mean(chance))}, results
+
+
+def eval_gsm8k(
+    run: Run, path: Path, limit: int | None, batch_size: int, max_new_tokens: int, chat: bool, shots: list[MathItem]
+) -> tuple[dict, list[dict]]:
+    from minimind.generate import SamplingParams, generate
+
+    tok, max_pos = run.tokenizer, run.model.cfg.max_position_embeddings
+    items = read_gsm8k(path)[:limit]
+    prompts = [build_prompt(it.question, [(s.question, s.answer) for s in shots], chat) for it in items]
+    ids = [encode_prompt(tok, p, chat) for p in prompts]
+    replies = [""] * len(items)
+    order = sorted(range(len(items)), key=lambda i: len(ids[i]))  # similar lengths share a batch
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        room = max_pos - max(len(ids[i]) for i in rows)
+        if room < 1:
+            longest = max(rows, key=lambda i: len(ids[i]))
+            raise ConfigError(f"{items[longest].where}: the prompt fills the model's context ({max_pos} tokens)")
+        params = SamplingParams(temperature=0.0, max_new_tokens=min(max_new_tokens, room), stop_ids=tok.stop_ids)
+        for i, g in zip(rows, generate(run.model, [ids[i] for i in rows], params).generations):
+            text = tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
+            replies[i] = text if chat else text.split("\nQuestion:")[0]  # a plain model may go on to invent more
+    results = []
+    for it, prompt, reply in zip(items, prompts, replies):
+        pred = extract_number(reply)
+        results.append(
+            {
+                "where": it.where,
+                "question": it.question,
+                "prompt": render_prompt(tok, prompt, chat),
+                "output": reply,
+                "prediction": pred,
+                "reference": it.reference,
+                "correct": same_number(pred, it.reference),
+            }
+        )
+    answered = float(np.mean([r["prediction"] is not None for r in results]))
+    return {"accuracy": float(np.mean([r["correct"] for r in results])), "answered": answered}, results
+
+
+def evaluate(
+    run: Run,
+    task: str,
+    data: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_seq_len: int = 512,
+    max_new_tokens: int = 256,
+    dev: str | Path | None = None,
+    shots: int | None = None,
+    prompt_style: str = "auto",
+    run_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The report of one task on one file: {task, run, stage, data, n, score, metric, metrics,
+    prompt_style, shots, seconds, items}.
+
+    `score` is the main metric: ppl for ppl, accuracy for mc and gsm8k. `shots` solved examples come
+    from the start of `dev` (default: 5 when a dev file is given, else none). `run_dir` is only
+    recorded in the report. prompt_style: auto (plain for pretrain/init runs, else chat) | plain | chat.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
+    for name, value in (("limit", limit), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    data = Path(data)
+    if not data.is_file():
+        raise DataError(f"{data}: no such file")
+    chat = is_chat(run, prompt_style)
+    shots = (5 if dev else 0) if shots is None else shots
+    if shots < 0:
+        raise ConfigError("shots must be 0 or more")
+    if shots and not dev:
+        raise ConfigError("--shots needs --dev FILE with solved examples")
+    if task == "ppl" and shots:
+        raise ConfigError("ppl takes no few-shot examples")
+    examples: list[Any] = []
+    if shots:
+        examples = (read_mc(dev) if task == "mc" else read_gsm8k(dev))[:shots]  # type: ignore[arg-type]
+        if len(examples) < shots:
+            raise DataError(f"{dev}: {len(examples)} examples, fewer than --shots {shots}")
+    max_len = min(max_seq_len, run.model.cfg.max_position_embeddings)
+    run.model.eval()
+    t0 = time.perf_counter()
+    if task == "ppl":
+        metrics, items = eval_ppl(run, data, limit, batch_size, max_len)
+    elif task == "mc":
+        metrics, items = eval_mc(run, data, limit, batch_size, max_len, chat, examples)
+    else:
+        metrics, items = eval_gsm8k(run, data, limit, batch_size, max_new_tokens, chat, examples)
+    main_metric = "ppl" if task == "ppl" else "accuracy"
+    return {
+        "task": task,
+        "run": str(run_dir) if run_dir else None,
+        "stage": run.info.get("stage"),
+        "data": str(data),
+        "n": len(items),
+        "score": metrics[main_metric],
+        "metric": main_metric,
+        "metrics": metrics,
+        "prompt_style": None if task == "ppl" else ("chat" if chat else "plain"),
+        "shots": shots,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "items": items,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short aligned table of the report's headline figures."""
+    rows = [(k, str(report[k])) for k in ("task", "run", "data", "n")]
+    if report["prompt_style"]:
+        rows.append(("prompt", f"{report['prompt_style']}, {report['shots']}-shot"))
+    for k, v in report["metrics"].items():
+        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        rows.append((k, text + ("   <- score" if k == report["metric"] else "")))
+    rows.append(("seconds", f"{report['seconds']:.1f}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ---- CLI: minimind eval RUN_DIR --task TASK --data FILE [...] ---------------------------------
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--task", required=True, choices=TASKS, help="ppl | mc (multiple choice) | gsm8k")
+    p.add_argument("--data", required=True, metavar="FILE", help="ppl: .jsonl/.txt; mc: .csv/.jsonl; gsm8k: .jsonl")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items")
+    p.add_argument("--out", metavar="REPORT.json", help="write the full report (per-item results) here")
+    p.add_argument("--dev", metavar="FILE", help="solved examples for few-shot prompts (mc, gsm8k)")
+    p.add_argument("--shots", type=int, default=None, metavar="K", help="few-shot examples (default 5 with --dev)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=512,
+        help="ppl: longer documents are cut into windows; mc: longer prompts lose their start",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation length")
+    p.add_argument("--prompt-style", choices=["auto", "plain", "chat"], default="auto",
+                   help="auto: plain for pretrain/init runs, the chat template otherwise")  # fmt: skip
+    p.add_argument("--lora", metavar="DIR", help="apply this LoRA adapter to the run's model")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+
+
+def main(args: Any) -> None:
+    from minimind.checkpoint import atomic_write_text, load_run
+    from minimind.generate import resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run_dir, device=device)
+    if args.lora:
+        from minimind.lora import load_adapter
+
+        load_adapter(run.model, args.lora)
+        run.model.to(device).eval()
+    names = ("limit", "batch_size", "max_seq_len", "max_new_tokens", "dev", "shots", "prompt_style", "run_dir")
+    report = evaluate(run, args.task, args.data, **{k: getattr(args, k) for k in names})
+    if args.lora:
+        report["lora"] = str(args.lora)
+    print(format_report(report))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(report, indent=2, ensure_ascii=False))
+        print(f"report -> {args.out}")

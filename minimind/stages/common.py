@@ -1,0 +1,81 @@
+"""What every training stage shares: its flags, starting from a parent run, and the held-out check.
+
+A stage file then says only what is special about it: its data, its model (e.g. LoRA-wrapped),
+its loss and its defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from minimind.checkpoint import RUN_INFO, Run, load_run
+from minimind.config import TrainConfig, add_dataclass_args, merge_options
+from minimind.data.packing import Rows
+from minimind.engine import LossFn, RunCheckpoint, Trainer, TrainResult, evaluate_loss, lm_loss
+from minimind.errors import ConfigError
+
+
+def add_stage_arguments(p: Any, data_help: str, parent: bool = True) -> None:
+    """--from, --data, --eval-data, --config and every TrainConfig flag."""
+    if parent:
+        p.add_argument("--from", dest="parent", metavar="RUN_DIR", help="the run to start from")
+    p.add_argument("--data", nargs="+", metavar="FILE", help=data_help)
+    p.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out data: loss before and after training")
+    p.add_argument("--config", metavar="FILE.yaml", help="options from YAML; flags given here win")
+    add_dataclass_args(p, TrainConfig, title="training")
+
+
+def run_info(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_INFO
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def stage_options(args: Any, defaults: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from the stage's defaults, --config and flags; checks --data and --out."""
+    cfg: TrainConfig = merge_options(args, TrainConfig, defaults)
+    cfg.validate()
+    if not getattr(args, "data", None):
+        raise ConfigError("--data FILE [FILE...] is required")
+    if not cfg.out:
+        raise ConfigError("--out RUN_DIR is required")
+    return cfg
+
+
+def start_from(cfg: TrainConfig, parent: str | None) -> Run:
+    """The run to train: the parent (`--from`) for a new run, or the run itself with --resume."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        return load_run(out)
+    if not parent:
+        raise ConfigError("--from RUN_DIR is required (the run to start from), or --resume an existing --out")
+    if (out / "train_state.pt").exists():
+        raise ConfigError(f"{out} already holds a training run; use --resume to continue it or another --out")
+    if Path(parent).resolve() == out.resolve():
+        raise ConfigError("--out must differ from --from (the parent run is never overwritten)")
+    return load_run(parent)
+
+
+def train(
+    cfg: TrainConfig,
+    run: Run,
+    rows: Rows,
+    info: dict[str, Any],
+    eval_rows: Rows | None = None,
+    loss_fn: LossFn = lm_loss,
+    checkpoint: RunCheckpoint | None = None,
+) -> tuple[Trainer, TrainResult]:
+    """Fit with the engine, printing held-out loss before and after when eval rows are given."""
+    trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, loss_fn, checkpoint)
+    if eval_rows is not None and trainer.rank == 0:
+        print(f"held-out loss before: {evaluate_loss(trainer.model, eval_rows):.4f}")
+    result = trainer.fit()
+    if trainer.rank == 0:
+        print(
+            f"done: {result.steps} steps, {result.tokens:,} loss tokens in {result.seconds:.0f} s "
+            f"({result.tokens_per_s:,.0f} tok/s), final loss {result.final_loss:.4f} -> {cfg.out}"
+        )
+        if eval_rows is not None:
+            print(f"held-out loss after: {evaluate_loss(trainer.model, eval_rows):.4f}")
+    return trainer, result

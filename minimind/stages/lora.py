@@ -1,0 +1,114 @@
+"""LoRA: fine-tune a frozen run through small low-rank adapters (the math is in minimind/lora.py).
+
+data:  SFT conversations, the same rows as `minimind sft`
+model: the parent run, frozen; A and B on every --target layer are the only trained weights
+loss:  the SFT loss (assistant tokens only)
+saves: adapter.safetensors + adapter.json (+ train_state.pt) in --out (default RUN_DIR/lora/NAME);
+       the base run is never written, so several named adapters can share one base.
+
+`minimind lora merge RUN_DIR --lora DIR --out RUN_DIR` folds an adapter into full weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minimind.checkpoint import load_run, save_run
+from minimind.engine import RunCheckpoint, Trainer
+from minimind.errors import ConfigError
+from minimind.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    inject,
+    load_adapter,
+    load_adapter_weights,
+    merge,
+    read_adapter_config,
+    save_adapter,
+)
+from minimind.stages.common import add_stage_arguments, stage_options, train
+from minimind.stages.sft import SFT_DEFAULTS, add_conversation_arguments, conversation_rows, stage_defaults
+
+# Upstream's LoRA learning rate is 1e-4 (trainer/train_lora.py); the tiny demo model needs more.
+LORA_LR = {"tiny": 2e-3, "tiny-moe": 2e-3}
+DEFAULT_LR = 1e-4
+
+
+class AdapterCheckpoint(RunCheckpoint):
+    """Checkpoints of a LoRA run hold the adapter only; the frozen base stays where it is."""
+
+    weights = ADAPTER_WEIGHTS
+
+    def __init__(self, cfg: LoRAConfig):
+        self.cfg = cfg
+
+    def save(self, trainer: Trainer, info: dict[str, Any], metadata: dict[str, str]) -> None:
+        save_adapter(trainer.model, trainer.out, self.cfg, info, metadata)
+
+    def load(self, trainer: Trainer) -> None:
+        load_adapter_weights(trainer.model, trainer.out)
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("action", nargs="?", choices=["train", "merge"], default="train", help="train (default) or merge")
+    p.add_argument("run", nargs="?", metavar="RUN_DIR", help="merge: the base run")
+    p.add_argument("--lora", metavar="DIR", help="merge: the adapter to fold into RUN_DIR")
+    p.add_argument("--name", default="adapter", help="adapter name (default out: RUN_DIR/lora/NAME)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0, help="scaling = alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    p.add_argument("--target", default=",".join(DEFAULT_TARGETS), help="comma-separated linear layer names")
+    add_stage_arguments(p, '.jsonl files of {"conversations": [...]} (as for sft)')
+    add_conversation_arguments(p)
+
+
+def merge_main(args: Any) -> None:
+    if not args.run or not args.lora or not args.out:
+        raise ConfigError("usage: minimind lora merge RUN_DIR --lora ADAPTER_DIR --out NEW_RUN_DIR")
+    run = load_run(args.run)
+    cfg = load_adapter(run.model, args.lora)
+    merge(run.model)
+    info = {**run.info, "parent": str(args.run), "lora_merged": {"path": str(args.lora), "name": cfg.name}}
+    save_run(args.out, run.model, run.tokenizer, info)
+    print(f"merged adapter {cfg.name!r} (rank {cfg.rank}, alpha {cfg.alpha:g}) into {args.run} -> {args.out}")
+
+
+def main(args: Any) -> None:
+    if args.action == "merge":
+        return merge_main(args)
+    if args.parent and not args.out:
+        args.out = str(Path(args.parent) / "lora" / args.name)
+    if args.resume:  # the base is recorded in the adapter's json
+        args.parent = json.loads((Path(args.out) / ADAPTER_CONFIG).read_text())["parent"]
+        lora_cfg, _ = read_adapter_config(args.out)
+    else:
+        lora_cfg = LoRAConfig(args.rank, args.alpha, args.lora_dropout, args.target.split(","), args.name)
+    defaults = {**SFT_DEFAULTS, "weight_decay": 0.0, **stage_defaults(args.parent, "", False, LORA_LR, DEFAULT_LR)}
+    cfg = stage_options(args, defaults)
+    if not args.parent:
+        raise ConfigError("--from RUN_DIR is required (the base run the adapter is trained on)")
+    if (Path(cfg.out) / "train_state.pt").exists() and not cfg.resume:
+        raise ConfigError(f"{cfg.out} already holds an adapter run; use --resume to continue it or another --out")
+    run = load_run(args.parent)
+    torch.manual_seed(cfg.seed)  # the adapter's A matrices start from the seed
+    wrapped = inject(run.model, lora_cfg)
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    print(
+        f"LoRA {lora_cfg.name!r}: rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {len(wrapped)} layers; "
+        f"{trainable:,} trained parameters ({trainable / run.model.num_params():.2%} of the base)"
+    )
+    rows, eval_rows = conversation_rows(args, cfg, run)
+    info = {
+        "stage": "lora",
+        "name": lora_cfg.name,
+        "parent": str(args.parent),
+        "data": [str(p) for p in args.data],
+        "seed": cfg.seed,
+    }
+    train(cfg, run, rows, info, eval_rows, checkpoint=AdapterCheckpoint(lora_cfg))
