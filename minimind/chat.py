@@ -29,7 +29,6 @@ from minimind.model import MiniMind
 from minimind.tokenizer import StreamDecoder, Tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-TEXT_STAGES = ("pretrain", "init")  # runs that never saw the chat template
 
 
 def _tag_prefix(text: str, tag: str) -> int:
@@ -263,11 +262,10 @@ def main(args: Any) -> None:
         from minimind.lora import load_adapter
 
         load_adapter(run.model, args.lora)
-        run.model.eval()  # the injected layers are new modules, in training mode
     tok = run.tokenizer
     params = sampling_params(args, tok.stop_ids)
     params.validate()
-    chat = run.info.get("stage") not in TEXT_STAGES
+    chat = run.is_chat
     session = Session(
         tok,
         chat=chat,

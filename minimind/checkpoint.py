@@ -159,6 +159,9 @@ def save_run(
     atomic_write_text(run_dir / RUN_INFO, json.dumps(record, indent=2, ensure_ascii=False))
 
 
+TEXT_STAGES = ("pretrain", "init")  # runs that never saw the chat template: they continue text
+
+
 @dataclass
 class Run:
     model: MiniMind
@@ -168,6 +171,11 @@ class Run:
     @property
     def cfg(self) -> ModelConfig:
         return self.model.cfg
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether prompts go through the chat template (any run past pretraining)."""
+        return self.info.get("stage") not in TEXT_STAGES
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **config_overrides: Any) -> Run:

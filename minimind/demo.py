@@ -6,6 +6,7 @@ Each step prints what it measured. Steps that need later stages join as those st
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--lora-steps", type=int, default=80)
 
 
 def first_question(conversation: list[dict]) -> tuple[list[dict], str]:
@@ -142,8 +145,79 @@ def main(args: Any) -> None:
     naive = naive_decode_tokens_per_s(run.model, prompt, n)
     print(f"   {n} new tokens, batch 1: cached {cached:.0f} tok/s, recompute {naive:.0f} tok/s ({cached / naive:.1f}x)")
 
+    post_training(out, files, args)
+
     section("done")
-    print(
-        f"finished in {time.perf_counter() - t0:.0f} s. Post-training stages (SFT, LoRA, DPO, RL, ...) join this "
-        "demo as they land; see README.md."
-    )
+    print(f"finished in {time.perf_counter() - t0:.0f} s. Every step above is one command; see README.md.")
+
+
+def cli(*argv: Any) -> None:
+    """Run a `minimind` command in this process, showing the exact command line first."""
+    from minimind.cli import main as minimind
+
+    args = [str(a) for a in argv]
+    print("   $ minimind " + " ".join(args))
+    minimind(args)
+
+
+def post_training(out: Path, files: dict[str, Path], args: Any) -> None:
+    """SFT -> LoRA identity adapter -> chat -> eval, each measured on held-out demo data."""
+    from minimind.data.chat import iter_conversations
+    from minimind.data.demo import IDENTITY_QUESTIONS
+    from minimind.eval import evaluate
+    from minimind.lora import load_adapter
+
+    common = ["--max-seq-len", 128, "--batch-size", 16, "--cache-dir", out / "cache", "--seed", args.seed]
+    common += ["--log-every", 50, "--warmup-steps", 10]
+    held = list(iter_conversations([files["sft_heldout"]]))[:100]
+    shutil.rmtree(out / "sft", ignore_errors=True)  # the demo owns its directory: start clean
+
+    section("6. SFT: loss on assistant replies only, conversations packed per row")
+    cli("sft", "--from", out / "pretrain", "--data", files["sft"], "--show-mask", 1, "--out", out / "sft", *common)
+    cli("sft", "--from", out / "pretrain", "--data", files["sft"], "--eval-data", files["sft_heldout"],
+        "--out", out / "sft", "--max-steps", args.sft_steps, *common)  # fmt: skip
+    base, sft = load_run(out / "pretrain"), load_run(out / "sft")
+    before, _ = answer_accuracy(base.model, base.tokenizer, held)
+    after, answers = answer_accuracy(sft.model, sft.tokenizer, held)
+    print(f"   held-out questions answered exactly right: pretrained {before:.0%} -> SFT {after:.0%}")
+    for conv, answer in list(zip(held, answers))[:4]:
+        q, ref = first_question(conv)
+        print(f"   Q: {q[-1]['content']}  A: {answer}  (reference: {ref})")
+
+    section("7. LoRA: a rank-8 adapter that gives the SFT model a new name")
+    adapter = out / "sft" / "lora" / "identity"
+    cli("lora", "--from", out / "sft", "--data", files["identity"], "--name", "identity",
+        "--max-steps", args.lora_steps, *common)  # fmt: skip
+    who = [c for c in iter_conversations([files["identity_heldout"]]) if c[0]["content"] in IDENTITY_QUESTIONS]
+    named_before, plain = answer_accuracy(sft.model, sft.tokenizer, who, contains="Lumi")
+    load_adapter(sft.model, adapter)
+    named_after, renamed = answer_accuracy(sft.model, sft.tokenizer, who, contains="Lumi")
+    still_right, _ = answer_accuracy(sft.model, sft.tokenizer, held)
+    print(f"   held-out identity questions answered with the new name: {named_before:.0%} -> {named_after:.0%}")
+    print(f"   other held-out questions still answered right: {after:.0%} -> {still_right:.0%}")
+    print(f"   Q: {who[0][0]['content']}  without adapter: {plain[0]}  with: {renamed[0]}")
+
+    section("8. chat (one answer with --prompt; leave it out for an interactive session)")
+    cli("chat", out / "sft", "--lora", adapter, "--prompt", "Who are you?", "--temperature", 0)
+    cli("chat", out / "sft", "--prompt", "What is 21 + 14?", "--temperature", 0, "--verbose")
+
+    section("9. evaluation on held-out data (minimind eval)")
+    rows = [
+        ("ppl", "pretrain", files["pretrain_heldout"]),
+        ("ppl", "sft", files["sft_heldout"]),
+        ("mc", "pretrain", files["mc_heldout"]),
+        ("mc", "sft", files["mc_heldout"]),
+        ("gsm8k", "pretrain", files["math_heldout"]),
+        ("gsm8k", "sft", files["math_heldout"]),
+    ]
+    runs = {"pretrain": base, "sft": load_run(out / "sft")}
+    print(f"   {'task':<6} {'run':<9} {'data':<22} {'n':>4}  score")
+    for task, name, data in rows:
+        r = evaluate(runs[name], task, data, limit=100, max_new_tokens=24)
+        m = r["metrics"]
+        detail = (
+            f"ppl {m['ppl']:.2f}, {m['bpb']:.3f} bits/byte"
+            if task == "ppl"
+            else f"accuracy {m['accuracy']:.0%}" + (f" (chance {m['chance']:.0%})" if "chance" in m else "")
+        )
+        print(f"   {task:<6} {name:<9} {Path(data).name:<22} {r['n']:>4}  {detail}")

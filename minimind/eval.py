@@ -38,7 +38,6 @@ from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
 
 TASKS = ("ppl", "mc", "gsm8k")
-PLAIN_STAGES = ("pretrain", "init")  # runs that never saw the chat template
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages
 
 # ---- scoring: log-probabilities of the tokens of given sequences ------------------------------
@@ -281,7 +280,7 @@ def is_chat(run: Run, prompt_style: str = "auto") -> bool:
     """Chat template unless the run never saw it (stage pretrain or init), or the style is forced."""
     if prompt_style not in ("auto", "plain", "chat"):
         raise ConfigError(f"prompt style must be auto, plain or chat, not {prompt_style!r}")
-    return prompt_style == "chat" or (prompt_style == "auto" and run.info.get("stage") not in PLAIN_STAGES)
+    return prompt_style == "chat" or (prompt_style == "auto" and run.is_chat)
 
 
 # ---- the three tasks ------------------------------------------------------------------------------

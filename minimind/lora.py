@@ -109,7 +109,7 @@ def inject(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
-        _set(model, n, LoRALinear(model.get_submodule(n), cfg))
+        _set(model, n, LoRALinear(model.get_submodule(n), cfg).train(model.training))
     return names
 
 
