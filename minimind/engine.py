@@ -273,7 +273,11 @@ class Trainer:
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
-            where = f"{self.out / self.checkpoint.weights}" if (self.out / STATE).exists() else "no checkpoint was written yet"
+            where = (
+                f"{self.out / self.checkpoint.weights}"
+                if (self.out / STATE).exists()
+                else "no checkpoint was written yet"
+            )
             raise TrainingError(
                 f"loss is {loss} at step {self.step}; stopped without saving. Last good "
                 f"checkpoint: {where}. Try a lower --lr or --dtype float32."

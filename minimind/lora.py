@@ -161,7 +161,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
     """Inject the adapter at `path` into `model` and load its weights; refuses a different base shape."""
     cfg, record = read_adapter_config(path)
     if record.get("base") and record["base"] != base_signature(model):
-        raise CheckpointError(f"{path}: adapter was trained on a base of shape {record['base']}, not {base_signature(model)}")
+        raise CheckpointError(
+            f"{path}: adapter was trained on a base of shape {record['base']}, not {base_signature(model)}"
+        )
     inject(model, cfg)
     load_adapter_weights(model, path)
     return cfg

@@ -41,7 +41,9 @@ CHAT_CACHE_VERSION = 1
 BATCH = 1024
 
 
-def check_messages(messages: Any, where: str, key: str = "conversations", final: str | None = "assistant") -> list[dict]:
+def check_messages(
+    messages: Any, where: str, key: str = "conversations", final: str | None = "assistant"
+) -> list[dict]:
     """The validated messages as [{"role", "content"}] (extra keys dropped), or DataError naming `where`.
 
     Rules: a list of objects with a known role and non-empty string content; an optional system
@@ -72,7 +74,9 @@ def check_messages(messages: Any, where: str, key: str = "conversations", final:
     if len(out) == start:
         raise DataError(f"{where}: '{key}' has only a system message")
     if final and out[-1]["role"] != final:
-        raise DataError(f"{where}: the conversation ends on a {out[-1]['role']} turn; it must end with an {final} reply")
+        raise DataError(
+            f"{where}: the conversation ends on a {out[-1]['role']} turn; it must end with an {final} reply"
+        )
     return out
 
 
@@ -98,7 +102,7 @@ def encode_conversations(
     rendered = [render(c) for c in conversations]
     encodings = tokenizer.backend.encode_batch([r[0] for r in rendered], add_special_tokens=False)
     out: list[tuple[np.ndarray, np.ndarray, bool] | None] = []
-    for (_, spans, _), enc, msgs in zip(rendered, encodings, conversations):
+    for (_, spans, _), enc in zip(rendered, encodings):
         ids = np.asarray(enc.ids, dtype=np.int64)
         starts = np.asarray([s for s, _ in enc.offsets], dtype=np.int64)
         trained = np.zeros(len(ids), dtype=bool)

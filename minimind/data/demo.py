@@ -265,7 +265,9 @@ def math_records(n: int, seed: int) -> list[dict]:
     out = []
     for _ in range(n):
         a, b = rng.randint(0, 60), rng.randint(0, 39)
-        out.append({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+        out.append(
+            {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
+        )
     return out
 
 
