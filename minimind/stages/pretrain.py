@@ -13,31 +13,26 @@ from typing import Any
 
 import torch
 
-from minimind.checkpoint import load_config
+from minimind.checkpoint import Run, load_config
 from minimind.config import (
     PRESETS,
     ModelConfig,
-    TrainConfig,
     add_dataclass_args,
     dataclass_overrides,
-    merge_options,
     preset,
 )
 from minimind.data.packing import PackedRows
 from minimind.data.tokens import tokenize_files
-from minimind.engine import Trainer, evaluate_loss
 from minimind.errors import ConfigError
 from minimind.model import MiniMind
+from minimind.stages.common import add_stage_arguments, stage_options, train
 from minimind.tokenizer import Tokenizer
 
 
 def add_arguments(p: Any) -> None:
-    p.add_argument("--data", nargs="+", metavar="FILE", help='.jsonl ({"text": ...} per line) or .txt files')
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory or tokenizer.json")
     p.add_argument("--preset", choices=list(PRESETS), help="model shape (not needed with --resume)")
-    p.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out text: loss before and after")
-    p.add_argument("--config", metavar="FILE.yaml", help="options from YAML; flags given here win")
-    add_dataclass_args(p, TrainConfig, title="training")
+    add_stage_arguments(p, '.jsonl ({"text": ...} per line) or .txt files', parent=False)
     add_dataclass_args(
         p,
         ModelConfig,
@@ -47,10 +42,7 @@ def add_arguments(p: Any) -> None:
 
 
 def main(args: Any) -> None:
-    cfg: TrainConfig = merge_options(args, TrainConfig)
-    cfg.validate()
-    if not args.data:
-        raise ConfigError("--data FILE [FILE...] is required")
+    cfg = stage_options(args, {})
     out = Path(cfg.out)
     if cfg.resume:
         tokenizer = Tokenizer.load(out)
@@ -97,18 +89,8 @@ def main(args: Any) -> None:
         "tokenizer": tokenizer.source,
         "seed": cfg.seed,
     }
-    trainer = Trainer(cfg, model, tokenizer, rows, info)
     eval_rows = None
     if args.eval_data:
         held = tokenize_files(args.eval_data, tokenizer, cfg.cache_dir or None)
         eval_rows = PackedRows(held.tokens, held.offsets, cfg.max_seq_len, cfg.doc_mask)
-        if trainer.rank == 0:
-            print(f"held-out loss before: {evaluate_loss(trainer.model, eval_rows):.4f}")
-    result = trainer.fit()
-    if trainer.rank == 0:
-        print(
-            f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
-            f"({result.tokens_per_s:,.0f} tok/s), final loss {result.final_loss:.4f} -> {out}"
-        )
-        if eval_rows is not None:
-            print(f"held-out loss after: {evaluate_loss(trainer.model, eval_rows):.4f}")
+    train(cfg, Run(model, tokenizer, {}), rows, info, eval_rows)
