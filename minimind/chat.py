@@ -259,9 +259,9 @@ def main(args: Any) -> None:
 
     run = load_run(args.run_dir, device=resolve_device(args.device), **rope_overrides(args, load_config(args.run_dir)))
     if args.lora:
-        from minimind.lora import load_adapter
+        from minimind.lora import apply_adapter
 
-        load_adapter(run.model, args.lora)
+        apply_adapter(run, args.lora)
     tok = run.tokenizer
     params = sampling_params(args, tok.stop_ids)
     params.validate()

@@ -364,9 +364,9 @@ def main(args: Any) -> None:
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device=device)
     if args.lora:
-        from minimind.lora import load_adapter
+        from minimind.lora import apply_adapter
 
-        load_adapter(run.model, args.lora)
+        apply_adapter(run, args.lora)
         run.model.to(device).eval()
     names = ("limit", "batch_size", "max_seq_len", "max_new_tokens", "dev", "shots", "prompt_style", "run_dir")
     report = evaluate(run, args.task, args.data, **{k: getattr(args, k) for k in names})

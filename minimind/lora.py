@@ -169,6 +169,14 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
     return cfg
 
 
+def apply_adapter(run: Any, path: str | Path) -> LoRAConfig:
+    """load_adapter on a Run (chat, eval): the run then uses the chat template, as its adapter was
+    trained on conversations, even when the base is a pretrained-only run."""
+    cfg = load_adapter(run.model, path)
+    run.info = {**run.info, "stage": "lora", "lora": str(path)}
+    return cfg
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight; the model is plain again (and trainable)."""
     for n, m in list(model.named_modules()):

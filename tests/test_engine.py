@@ -245,3 +245,19 @@ def test_bool_flags_work_bare_and_with_values():
         "doc_mask": False,
         "batch_size": 4,
     }
+
+
+def test_resume_keeps_the_options_the_run_started_with(tmp_path):
+    """`--resume` alone continues with the saved schedule; an explicit flag still wins."""
+    import argparse
+    import json
+
+    from minimind.stages.common import add_stage_arguments, stage_options
+
+    (tmp_path / "run.json").write_text(json.dumps({"train_config": {"lr": 0.123, "max_steps": 7, "resume": False}}))
+    p = argparse.ArgumentParser()
+    add_stage_arguments(p, "data")
+    base = ["--data", "x.jsonl", "--out", str(tmp_path), "--resume"]
+    cfg = stage_options(p.parse_args(base), {"lr": 9.0})
+    assert (cfg.lr, cfg.max_steps, cfg.resume) == (0.123, 7, True)
+    assert stage_options(p.parse_args(base + ["--lr", "0.5"]), {}).lr == 0.5

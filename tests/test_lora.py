@@ -118,3 +118,26 @@ def test_lora_resume_is_bitwise_exact(pipeline, tmp_path):
     b = load_file(str(tmp_path / "split" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "split" / "model.safetensors").exists()  # never a copy of the base
+
+
+def test_merge_never_overwrites_and_resume_needs_an_adapter(pipeline, tmp_path):
+    from minimind.lora import apply_adapter
+
+    out = _run_cli_fail("lora", "merge", pipeline["sft"], "--lora", pipeline["lora"], "--out", pipeline["sft"])
+    assert "ConfigError" in out and "new directory" in out
+    out = _run_cli_fail("lora", "--resume", "--out", tmp_path / "nothing", "--data", pipeline["files"]["identity"])
+    assert "CheckpointError" in out and "not a LoRA adapter" in out
+    # An adapter trained on conversations makes even a pretrained-only base answer in chat format.
+    base = load_run(pipeline["pretrain"])
+    assert not base.is_chat
+    apply_adapter(base, pipeline["lora"].parent / "identity")
+    assert base.is_chat
+
+
+def _run_cli_fail(*args) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "minimind", *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr

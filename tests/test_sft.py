@@ -21,7 +21,7 @@ CONV = [
     {"role": "user", "content": "小明养了什么？"},
     {"role": "assistant", "content": "小明养了一只猫。\n就这样。"},
     {"role": "user", "content": "And 2 + 3?"},
-    {"role": "assistant", "content": " 2 + 3 = 5."},
+    {"role": "assistant", "content": "\n\n 2 + 3 = 5.  "},
 ]
 
 
@@ -31,10 +31,14 @@ def write(path, records):
 
 
 def test_mask_covers_exactly_the_assistant_replies(tokenizer):
-    text, _, _ = render(CONV)
+    text = render(CONV)
     assert text + "\n" == tokenizer.render_chat(CONV)  # the template's own rendering
     ids, trained, cut = encode_conversations(tokenizer, [CONV])[0]
-    assert not cut and ids.tolist() == tokenizer.encode(text)
+    assert not cut and tokenizer.decode(ids) == text
+    # What precedes each reply is exactly the prompt chat/eval build for generation.
+    starts = [i for i in range(1, len(ids)) if trained[i] and not trained[i - 1]]
+    for k, start in zip((2, 4, 6), starts, strict=True):
+        assert ids[:start].tolist() == tokenizer.encode_chat(CONV[:k], add_generation_prompt=True)
     # Token by token: the trained runs decode to exactly each reply plus its <|im_end|>, in order.
     runs, current = [], []
     for t, m in zip(ids.tolist(), trained.tolist()):
@@ -117,6 +121,10 @@ def test_packed_and_padded_rows_give_the_same_loss(tokenizer, tmp_path):
         ('{"conversations": "hello"}', "is a str, not a list"),
         ('{"conversations": [{"role": "user", "content": 3}]}', "no string 'content'"),
         ('{"conversations": [', "invalid JSON"),
+        (
+            '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<|im_end|>b"}]}',
+            "contains the control token <\\|im_end\\|>",
+        ),
     ],
 )
 def test_bad_conversations_name_file_and_line(tokenizer, tmp_path, line, message):

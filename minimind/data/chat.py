@@ -34,10 +34,10 @@ from minimind.data.packing import IGNORE, Batch
 from minimind.data.readers import iter_jsonl
 from minimind.data.tokens import default_cache_dir, file_digest, save_npy
 from minimind.errors import DataError
-from minimind.tokenizer import BOS, EOS, Tokenizer
+from minimind.tokenizer import BOS, EOS, PAD, Tokenizer
 
 ROLES = ("system", "user", "assistant")
-CHAT_CACHE_VERSION = 1
+CHAT_CACHE_VERSION = 2
 BATCH = 1024
 
 
@@ -64,6 +64,9 @@ def check_messages(
             raise DataError(f"{where}: message {i} ({role}) has no string 'content'")
         if not content.strip():
             raise DataError(f"{where}: message {i} ({role}) has empty content")
+        control = next((t for t in (BOS, EOS, PAD) if t in content), None)
+        if control:
+            raise DataError(f"{where}: message {i} ({role}) contains the control token {control} in its text")
         out.append({"role": role, "content": content})
     start = 1 if out[0]["role"] == "system" else 0
     for i, m in enumerate(out[start:], start=start):
@@ -80,45 +83,45 @@ def check_messages(
     return out
 
 
-def render(messages: list[dict]) -> tuple[str, list[tuple[int, int]], list[int]]:
-    """(ChatML text, character spans that are trained, character start of each message)."""
-    text, spans, starts = "", [], []
-    for m in messages:
-        starts.append(len(text))
-        text += f"{BOS}{m['role']}\n"
-        begin = len(text)
-        text += m["content"] + EOS
-        if m["role"] == "assistant":
-            spans.append((begin, len(text)))
-        text += "\n"
-    return text[:-1], spans, starts
+def render(messages: list[dict]) -> str:
+    """The conversation as ChatML text (what the chat template writes, minus the final newline)."""
+    return "\n".join(f"{BOS}{m['role']}\n{m['content']}{EOS}" for m in messages)
 
 
 def encode_conversations(
     tokenizer: Tokenizer, conversations: list[list[dict]], max_len: int | None = None
 ) -> list[tuple[np.ndarray, np.ndarray, bool] | None]:
     """For each conversation (ids, trained mask, was cut), cut to at most `max_len` ids at a reply's
-    end; None when not even its first reply fits. Batched through the Rust tokenizer."""
-    rendered = [render(c) for c in conversations]
-    encodings = tokenizer.backend.encode_batch([r[0] for r in rendered], add_special_tokens=False)
+    end; None when not even its first reply fits.
+
+    Each message's header, content and `<|im_end|>` are tokenized separately and joined, so no token
+    straddles a header and a reply (a `\n\n` merge could otherwise swallow a reply's first newline),
+    the mask is exact by construction, and a reply is tokenized exactly as it is generated after
+    `<|im_start|>assistant\n`. Contents go through the Rust tokenizer in one parallel batch.
+    """
+    heads = {role: tokenizer.encode(f"{BOS}{role}\n") for role in ROLES}
+    newline = tokenizer.encode("\n")
+    bodies = iter(tokenizer.encode_batch([m["content"] for c in conversations for m in c]))
     out: list[tuple[np.ndarray, np.ndarray, bool] | None] = []
-    for (_, spans, _), enc in zip(rendered, encodings):
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        starts = np.asarray([s for s, _ in enc.offsets], dtype=np.int64)
-        trained = np.zeros(len(ids), dtype=bool)
-        ends = []  # token index just past each assistant reply's <|im_end|>
-        for begin, end in spans:
-            inside = (starts >= begin) & (starts < end)
-            trained |= inside
-            ends.append(int(np.nonzero(inside)[0][-1]) + 1)
-        if max_len is not None and len(ids) > max_len:
-            fitting = [e for e in ends if e <= max_len]
+    for conversation in conversations:
+        ids: list[int] = []
+        trained: list[bool] = []
+        ends = []  # length of ids just past each assistant reply's <|im_end|>
+        for j, m in enumerate(conversation):
+            head = (newline if j else []) + heads[m["role"]]
+            body = next(bodies) + [tokenizer.eos_id]
+            ids += head + body
+            trained += [False] * len(head) + [m["role"] == "assistant"] * len(body)
+            if m["role"] == "assistant":
+                ends.append(len(ids))
+        cut = max_len is not None and len(ids) > max_len
+        if cut:
+            fitting = [e for e in ends if e <= max_len]  # type: ignore[operator]
             if not fitting:
                 out.append(None)
                 continue
-            out.append((ids[: fitting[-1]], trained[: fitting[-1]], True))
-        else:
-            out.append((ids, trained, False))
+            ids, trained = ids[: fitting[-1]], trained[: fitting[-1]]
+        out.append((np.asarray(ids, dtype=np.int64), np.asarray(trained, dtype=bool), cut))
     return out
 
 
@@ -184,7 +187,8 @@ def tokenize_conversations(
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise DataError(f"{missing[0]}: no such file")
-    h = hashlib.sha256(f"chat-v{CHAT_CACHE_VERSION}-{max_seq_len}-{file_digest(paths, tokenizer)}".encode())
+    key = f"chat-v{CHAT_CACHE_VERSION}-{max_seq_len}-{skip_bad_lines}-{file_digest(paths, tokenizer)}"
+    h = hashlib.sha256(key.encode())
     base = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"chat-{h.hexdigest()[:24]}"
     meta_path = base.with_suffix(".json")
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32

@@ -7,6 +7,8 @@ its loss and its defaults.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,28 @@ def run_info(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def stage_options(args: Any, defaults: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from the stage's defaults, --config and flags; checks --data and --out."""
-    cfg: TrainConfig = merge_options(args, TrainConfig, defaults)
+def saved_train_config(out: str | Path) -> dict[str, Any]:
+    """The training options a run (or adapter) in `out` was started with."""
+    from minimind.lora import ADAPTER_CONFIG
+
+    for name in (RUN_INFO, ADAPTER_CONFIG):
+        path = Path(out) / name
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8")).get("train_config", {})
+            known = {f.name for f in fields(TrainConfig)} - {"out", "resume"}
+            return {k: v for k, v in saved.items() if k in known}
+    return {}
+
+
+def stage_options(args: Any, defaults: dict[str, Any] | Callable[[TrainConfig], dict[str, Any]]) -> TrainConfig:
+    """TrainConfig: field defaults < the stage's defaults < (with --resume) the options the run was
+    started with < --config YAML < flags. `defaults` may depend on the options given (e.g. --from).
+    Checks --data and --out."""
+    given: TrainConfig = merge_options(args, TrainConfig)
+    layer = defaults(given) if callable(defaults) else dict(defaults)
+    if given.resume and given.out:
+        layer.update(saved_train_config(given.out))  # resume continues with the same schedule
+    cfg: TrainConfig = merge_options(args, TrainConfig, layer)
     cfg.validate()
     if not getattr(args, "data", None):
         raise ConfigError("--data FILE [FILE...] is required")

@@ -11,17 +11,16 @@ saves: adapter.safetensors + adapter.json (+ train_state.pt) in --out (default R
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minimind.checkpoint import load_run, save_run
+from minimind.checkpoint import WEIGHTS, load_run, save_run
+from minimind.config import TrainConfig, merge_options, preset_of
 from minimind.engine import RunCheckpoint, Trainer
 from minimind.errors import ConfigError
 from minimind.lora import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -71,10 +70,18 @@ def add_arguments(p: Any) -> None:
 def merge_main(args: Any) -> None:
     if not args.run or not args.lora or not args.out:
         raise ConfigError("usage: minimind lora merge RUN_DIR --lora ADAPTER_DIR --out NEW_RUN_DIR")
+    if Path(args.out).resolve() == Path(args.run).resolve() or (Path(args.out) / WEIGHTS).exists():
+        raise ConfigError(f"{args.out} already holds a model; merge into a new directory (the base stays as it is)")
     run = load_run(args.run)
     cfg = load_adapter(run.model, args.lora)
     merge(run.model)
-    info = {**run.info, "parent": str(args.run), "lora_merged": {"path": str(args.lora), "name": cfg.name}}
+    info = {
+        "stage": "lora-merged",
+        "parent": str(args.run),
+        "preset": preset_of(run.cfg),
+        "tokenizer": run.tokenizer.source,
+        "lora_merged": {"path": str(args.lora), "name": cfg.name, "rank": cfg.rank, "alpha": cfg.alpha},
+    }
     save_run(args.out, run.model, run.tokenizer, info)
     print(f"merged adapter {cfg.name!r} (rank {cfg.rank}, alpha {cfg.alpha:g}) into {args.run} -> {args.out}")
 
@@ -82,17 +89,22 @@ def merge_main(args: Any) -> None:
 def main(args: Any) -> None:
     if args.action == "merge":
         return merge_main(args)
-    if args.parent and not args.out:
-        args.out = str(Path(args.parent) / "lora" / args.name)
-    if args.resume:  # the base is recorded in the adapter's json
-        args.parent = json.loads((Path(args.out) / ADAPTER_CONFIG).read_text())["parent"]
-        lora_cfg, _ = read_adapter_config(args.out)
+    given = merge_options(args, TrainConfig)
+    if not given.out and not args.parent:
+        raise ConfigError("--from RUN_DIR is required (the base run), or --out ADAPTER_DIR with --resume")
+    args.out = given.out or str(Path(args.parent) / "lora" / args.name)
+    if given.resume:  # the base and the adapter's shape are recorded beside it
+        lora_cfg, record = read_adapter_config(args.out)
+        args.parent = record.get("parent")
     else:
         lora_cfg = LoRAConfig(args.rank, args.alpha, args.lora_dropout, args.target.split(","), args.name)
-    defaults = {**SFT_DEFAULTS, "weight_decay": 0.0, **stage_defaults(args.parent, "", False, LORA_LR, DEFAULT_LR)}
-    cfg = stage_options(args, defaults)
     if not args.parent:
         raise ConfigError("--from RUN_DIR is required (the base run the adapter is trained on)")
+    cfg = stage_options(
+        args, {**SFT_DEFAULTS, "weight_decay": 0.0, **stage_defaults(args.parent, "", False, LORA_LR, DEFAULT_LR)}
+    )
+    if Path(cfg.out).resolve() == Path(args.parent).resolve():
+        raise ConfigError("--out must differ from --from (the base run is never written)")
     if (Path(cfg.out) / "train_state.pt").exists() and not cfg.resume:
         raise ConfigError(f"{cfg.out} already holds an adapter run; use --resume to continue it or another --out")
     run = load_run(args.parent)

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from minimind.checkpoint import CONFIG, Run, load_config
-from minimind.config import TrainConfig, _parse_bool, preset_of
+from minimind.config import TrainConfig, _parse_bool, merge_options, preset_of
 from minimind.data.chat import ChatRows, show_mask, tokenize_conversations
+from minimind.errors import ConfigError
 from minimind.stages.common import add_stage_arguments, stage_options, start_from, train
+from minimind.tokenizer import Tokenizer
 
 # Default SFT learning rate by preset. Upstream uses 5e-7 (MiniMind2, trainer/train_full_sft.py at
 # 0323815) and 1e-5 (minimind-3); on our demo data 5e-7 leaves a model where it was, so ours are
@@ -85,21 +87,24 @@ def conversation_rows(args: Any, cfg: TrainConfig, run: Run) -> tuple[ChatRows, 
     return rows, eval_rows
 
 
-def print_masks(args: Any, cfg: TrainConfig, run: Run) -> None:
-    data = tokenize_conversations(args.data, run.tokenizer, cfg.max_seq_len, cfg.cache_dir or None)
+def print_masks(args: Any, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    data = tokenize_conversations(args.data, tokenizer, cfg.max_seq_len, cfg.cache_dir or None)
     for i in range(min(args.show_mask, len(data))):
         ids, trained = data.conversation(i)
         print(f"--- conversation {i + 1}: {len(ids)} tokens, {int(trained.sum())} trained [[marked]]")
-        print(show_mask(run.tokenizer, ids, trained, color=sys.stdout.isatty()))
+        print(show_mask(tokenizer, ids, trained, color=sys.stdout.isatty()))
 
 
 def main(args: Any) -> None:
-    defaults = {**SFT_DEFAULTS, **stage_defaults(args.parent, args.out or "", bool(args.resume), SFT_LR, DEFAULT_LR)}
-    cfg = stage_options(args, defaults)
+    if args.show_mask:  # inspect only: no --out needed, nothing is written but the token cache
+        cfg = merge_options(args, TrainConfig, SFT_DEFAULTS)
+        if not args.data or not (args.parent or cfg.out):
+            raise ConfigError("--show-mask needs --data and --from RUN_DIR (for its tokenizer)")
+        return print_masks(args, cfg, Tokenizer.load(args.parent or cfg.out))
+    cfg = stage_options(
+        args, lambda given: {**SFT_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, SFT_LR, DEFAULT_LR)}
+    )
     run = start_from(cfg, args.parent)
-    if args.show_mask:
-        print_masks(args, cfg, run)
-        return
     rows, eval_rows = conversation_rows(args, cfg, run)
     info = {
         "stage": "sft",
