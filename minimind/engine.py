@@ -47,7 +47,9 @@ PEAK_FLOPS = {
     "T4": 65e12,
 }
 
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+# A stage's loss: (sum of per-unit losses, MoE balance loss) or, with metrics to log, also a dict of
+# per-unit sums (e.g. DPO's reward margin summed over pairs). A unit is whatever Batch.num_tokens counts.
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, ...]]
 
 
 class TrainingError(MiniMindError):
@@ -177,6 +179,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
         self.tokens_seen = 0
+        self.metric_sums: dict[str, torch.Tensor] = {}  # stage metrics, summed over the log window
         if cfg.resume:
             self.load_state()
         self.train_model: nn.Module = self.model
@@ -214,10 +217,12 @@ class Trainer:
             no_sync = contextlib.nullcontext() if sync else self.train_model.no_sync()
             with no_sync:
                 with autocast:
-                    loss_sum, aux = self.loss_fn(self.train_model, batch.to(self.device))
+                    loss_sum, aux, *extra = self.loss_fn(self.train_model, batch.to(self.device))
                 loss = loss_sum / denom + aux / len(micro)
                 self.scaler.scale(loss).backward()
             loss_total += loss_sum.detach()
+            for k, v in (extra[0] if extra else {}).items():
+                self.metric_sums[k] = self.metric_sums.get(k, 0) + v.detach().double()
         self.scaler.unscale_(self.optimizer)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
         self.scaler.step(self.optimizer)
@@ -256,10 +261,15 @@ class Trainer:
                 if self.world > 1:
                     dist.all_reduce(window_loss)
                 last_loss = float(window_loss) / max(window_tokens, 1)
+                self._window_units = window_tokens
+                if self.world > 1:
+                    for v in self.metric_sums.values():
+                        dist.all_reduce(v)
                 self._check_finite(last_loss)
                 elapsed = time.perf_counter() - window_start
                 self._log(last_loss, float(grad_norm), window_tokens / elapsed, time.perf_counter() - start, first_step)
                 window_loss.zero_()
+                self.metric_sums = {}
                 window_tokens, window_start = 0, time.perf_counter()
             if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
                 self._check_finite(float(loss_sum))
@@ -292,6 +302,7 @@ class Trainer:
         record = {
             "step": self.step,
             "loss": round(loss, 6),
+            **{k: round(float(v) / max(self._window_units, 1), 6) for k, v in self.metric_sums.items()},
             "lr": lr,
             "grad_norm": round(grad_norm, 6),
             "tokens_per_s": round(tokens_per_s, 1),
@@ -302,6 +313,7 @@ class Trainer:
             f"step {self.step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s"
         )
+        line += "".join(f" | {k} {record[k]:.4g}" for k in self.metric_sums)
         peak = self._peak_flops()
         if peak:
             record["mfu"] = round(self.model.estimate_mfu(tokens_per_s, self.cfg.max_seq_len, peak * self.world), 4)
