@@ -306,6 +306,7 @@ class Block(nn.Module):
 class ModelOutput:
     logits: torch.Tensor  # (B, T or logits_to_keep, vocab)
     aux_loss: torch.Tensor  # MoE balance loss times aux_loss_coef (0 for dense models)
+    hidden: torch.Tensor | None = None  # (B, T, hidden) after the final norm, with return_hidden
 
 
 class MiniMind(nn.Module):
@@ -345,6 +346,7 @@ class MiniMind(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """Logits for `input_ids` (B, T).
 
@@ -352,6 +354,7 @@ class MiniMind(nn.Module):
             positions too. segment_ids: (B, T) document ids of a packed row; attention stays inside
             a document and positions restart at each. cache: filled in place and advanced by T.
             logits_to_keep: compute logits only for the last n positions (0: all).
+            return_hidden: also return the final hidden states of every position (a reward head reads them).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -373,9 +376,10 @@ class MiniMind(nn.Module):
         if cache is not None:
             cache.length += T
         h = self.norm(h)
+        hidden = h if return_hidden else None
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return ModelOutput(self.lm_head(h), aux * self.cfg.aux_loss_coef)
+        return ModelOutput(self.lm_head(h), aux * self.cfg.aux_loss_coef, hidden)
 
     # ---- bookkeeping -------------------------------------------------------------------------
 

@@ -1,0 +1,254 @@
+"""DPO: direct preference optimisation (Rafailov et al. 2023), preferences learned without a reward model.
+
+data:    preference pairs (minimind/data/preference.py): one prompt, a chosen and a rejected final reply
+models:  the policy, starting from --from; a frozen reference (that same run, or --ref) in eval mode,
+         no grad, under the same autocast. --precompute-ref computes the reference log-probs of every
+         pair once before training, so only the policy is in memory while it trains (same losses).
+loss:    log-probs summed over the final reply and its <|im_end|> (--length-norm: divided by its length),
+             h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
+             sigmoid: L = -log sigma(beta h)        ipo: L = (h - 1 / (2 beta))^2
+         chosen and rejected in one forward pass (2B rows); the engine averages over pairs.
+metrics: reward margin beta h, reward accuracy (share of pairs with h > 0), chosen/rejected log-probs;
+         on --eval-data, also the share of pairs whose chosen reply the policy itself finds likelier.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from minimind.checkpoint import load_run
+from minimind.config import TrainConfig, _parse_bool, preset_of
+from minimind.data.preference import FORMS, PairBatch, PairRows, read_preferences
+from minimind.engine import Trainer, TrainResult
+from minimind.errors import ConfigError
+from minimind.losses import dpo_loss, sequence_logprobs
+from minimind.model import MiniMind
+from minimind.stages.common import add_stage_arguments, stage_options, start_from
+from minimind.stages.sft import stage_defaults
+from minimind.tokenizer import Tokenizer
+
+# Default DPO learning rate by preset. Upstream uses 4e-8 (trainer/train_dpo.py): the loss stays at
+# log 2 = 0.693 (measured: 0.692 after 40 steps on minimind2-small). tiny and minimind2-small are
+# measured on the demo pairs, the larger presets scaled down from them. README.md has the table.
+DPO_LR = {
+    "tiny": 1e-4,
+    "tiny-moe": 1e-4,
+    "minimind2-small": 1e-6,
+    "minimind2": 5e-7,
+    "minimind2-moe": 5e-7,
+    "minimind3": 5e-7,
+    "minimind3-moe": 5e-7,
+}
+DEFAULT_LR = 5e-7
+# Upstream: batch 4 pairs, 1 epoch, max_seq_len 1024. Rows are padded per batch, so a long
+# max_seq_len costs nothing for short pairs.
+DPO_DEFAULTS = {"batch_size": 8, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024}
+# Options of the DPO loss; recorded in run.json so that --resume continues with the same ones.
+OPTIONS = {"beta": 0.1, "loss": "sigmoid", "length_norm": False, "precompute_ref": False}
+
+
+def add_arguments(p: Any) -> None:
+    add_stage_arguments(p, f".jsonl files of preference pairs: {FORMS}")
+    g = p.add_argument_group("DPO")
+    g.add_argument(
+        "--beta",
+        type=float,
+        metavar="FLOAT",
+        help="pull toward the reference (default 0.1; smaller lets it drift more)",
+    )
+    g.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid (DPO, default) or ipo (Azar et al. 2023)")
+    g.add_argument("--ref", metavar="RUN_DIR", help="the frozen reference model (default: the --from run)")
+    flag = dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+    g.add_argument("--precompute-ref", **flag, help="reference log-probs once, before training: one model in memory")
+    g.add_argument("--length-norm", **flag, help="average the reply's token log-probs instead of summing them")
+
+
+def reply_logps(model: nn.Module, batch: PairBatch, length_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each row's final reply (2B,), MoE balance loss), from one forward pass."""
+    out = model(batch.input_ids)
+    logp, n = sequence_logprobs(out.logits, batch.labels)
+    return (logp / n.clamp(min=1) if length_norm else logp), out.aux_loss
+
+
+class DPOLoss:
+    """The engine's loss for DPO: (sum over pairs of L, MoE balance loss, metric sums over pairs)."""
+
+    def __init__(self, beta: float, kind: str, length_norm: bool, reference: nn.Module | None = None):
+        if beta <= 0:
+            raise ConfigError("--beta must be positive")
+        self.beta, self.kind, self.length_norm, self.reference = beta, kind, length_norm, reference
+
+    def __call__(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        policy, aux = reply_logps(model, batch, self.length_norm)
+        ref = batch.ref_logps
+        if ref is None:
+            if self.reference is None:
+                raise ValueError("DPOLoss needs a reference model or precomputed reference log-probs")
+            with torch.no_grad():
+                ref, _ = reply_logps(self.reference, batch, self.length_norm)
+        B = batch.num_tokens
+        loss, chosen_reward, rejected_reward = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta, self.kind)
+        margin = chosen_reward - rejected_reward
+        metrics = {
+            "reward_margin": margin.sum(),
+            "reward_acc": (margin > 0).float().sum(),
+            "logp_chosen": policy[:B].detach().sum(),
+            "logp_rejected": policy[B:].detach().sum(),
+        }
+        return loss.sum(), aux, metrics
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """The engine's precision policy, for forward passes outside its loop."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@torch.no_grad()
+def per_pair(
+    value: Callable[[nn.Module, PairBatch], torch.Tensor],
+    model: nn.Module,
+    rows: PairRows,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """(rows, 2): value(model, batch) of each pair's chosen and rejected side, with `model` in eval mode
+    and the engine's autocast (DPO: reference log-probs; reward model: scores)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows.batch(np.arange(start, min(len(rows), start + batch_size))).to(device)
+        with autocast(device, dtype):
+            v = value(model, batch)
+        B = batch.num_tokens
+        out.append(torch.stack([v[:B], v[B:]], 1).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def pair_logps(
+    model: nn.Module, rows: PairRows, length_norm: bool, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(rows, 2): log-probs of each pair's chosen and rejected reply under `model`."""
+    return per_pair(lambda m, b: reply_logps(m, b, length_norm)[0], model, rows, device, dtype)
+
+
+def preference_metrics(policy: torch.Tensor, ref: torch.Tensor, beta: float, kind: str = "sigmoid") -> dict:
+    """Means over pairs, from (pairs, 2) policy and reference log-probs (chosen, rejected)."""
+    loss, chosen_reward, rejected_reward = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta, kind)
+    margin = chosen_reward - rejected_reward
+    return {
+        "loss": float(loss.mean()),
+        "reward_margin": float(margin.mean()),
+        "reward_acc": float((margin > 0).float().mean()),
+        "prefers_chosen": float((policy[:, 0] > policy[:, 1]).float().mean()),
+    }
+
+
+def describe(m: dict) -> str:
+    rewards = (
+        f"reward accuracy {m['reward_acc']:.0%}, reward margin {m['reward_margin']:.3f}"
+        if m["reward_margin"] or m["reward_acc"]
+        else "rewards all 0 (policy = reference)"
+    )
+    return f"DPO loss {m['loss']:.4f}, {rewards}, chosen likelier than rejected {m['prefers_chosen']:.0%}"
+
+
+def fit_and_report(trainer: Trainer, evaluate: Callable[[], str] | None, unit: str = "pairs") -> TrainResult:
+    """Fit with the engine; print the held-out measure (if any) before and after."""
+    if evaluate is not None and trainer.rank == 0:
+        print(f"held-out before: {evaluate()}", flush=True)
+    result = trainer.fit()
+    if trainer.rank == 0:
+        print(
+            f"done: {result.steps} steps, {result.tokens:,} {unit} in {result.seconds:.0f} s, "
+            f"final loss {result.final_loss:.4f} -> {trainer.out}"
+        )
+        if evaluate is not None:
+            print(f"held-out after: {evaluate()}", flush=True)
+    return result
+
+
+def pair_rows(paths: list[str], tok: Tokenizer, cfg: TrainConfig, shifted: bool, name: str = "data") -> PairRows:
+    """Rows of the pairs in `paths`, after printing what was read (DPO cuts replies, RM drops)."""
+    data = read_preferences(
+        paths, tok, cfg.max_seq_len + shifted, cut_replies=shifted, skip_bad_lines=cfg.skip_bad_lines
+    )
+    print(f"{name}: {data.report()}")
+    for message in data.skipped[:5]:
+        print(f"  skipped {message}", file=sys.stderr)
+    return PairRows(data, cfg.max_seq_len, tok.pad_id, shifted)
+
+
+def reference_model(policy: MiniMind, tok: Tokenizer, ref_dir: str | None) -> MiniMind:
+    """The frozen reference: a copy of the starting policy, or the run in ref_dir (same vocabulary)."""
+    if ref_dir is None:
+        ref = copy.deepcopy(policy)
+    else:
+        run = load_run(ref_dir)
+        if run.tokenizer.vocab_size != tok.vocab_size or run.cfg.vocab_size != policy.cfg.vocab_size:
+            raise ConfigError(f"--ref {ref_dir}: its vocabulary differs from the policy's (same tokenizer needed)")
+        ref = run.model
+    return ref.eval().requires_grad_(False)
+
+
+def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:
+    """Everything `minimind dpo` trains with: the engine (policy, rows, loss) and held-out rows.
+
+    Reference log-probs of held-out pairs are always computed up front; of training pairs only
+    with --precompute-ref, after which the reference model is released.
+    """
+    cfg = stage_options(
+        args, lambda given: {**DPO_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, DPO_LR, DEFAULT_LR)}
+    )
+    run = start_from(cfg, args.parent)
+    opts = {**OPTIONS, **(run.info.get("dpo", {}) if cfg.resume else {})}
+    opts.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None})
+    parent = run.info.get("parent") if cfg.resume else str(args.parent)
+    ref_dir = args.ref or (run.info.get("reference") if cfg.resume else None)
+    tok = run.tokenizer
+    rows = pair_rows(args.data, tok, cfg, shifted=True)
+    eval_rows = pair_rows(args.eval_data, tok, cfg, shifted=True, name="held-out") if args.eval_data else None
+    precompute = opts["precompute_ref"]
+    # Precomputing from the starting run itself needs no second copy of it.
+    reference = run.model if precompute and ref_dir is None else reference_model(run.model, tok, ref_dir)
+    loss = DPOLoss(opts["beta"], opts["loss"], opts["length_norm"], None if precompute else reference)
+    info = {
+        "stage": "dpo",
+        "parent": parent,
+        "reference": ref_dir or parent,
+        "preset": preset_of(run.cfg),
+        "data": [str(p) for p in args.data],
+        "tokenizer": tok.source,
+        "seed": cfg.seed,
+        "dpo": opts,
+    }
+    trainer = Trainer(cfg, run.model.train(), tok, rows, info, loss)
+    reference.to(trainer.device)
+    for r in (rows, eval_rows) if precompute else (eval_rows,):
+        if r is not None:
+            r.ref_logps = pair_logps(reference, r, opts["length_norm"], trainer.device, trainer.dtype)
+    if precompute:
+        print(f"reference log-probs of {len(rows):,} pairs computed once; training holds only the policy")
+    return trainer, eval_rows, loss
+
+
+def evaluate(trainer: Trainer, rows: PairRows, loss: DPOLoss) -> dict:
+    """Held-out preference metrics of the trainer's current policy (rows carry reference log-probs)."""
+    assert rows.ref_logps is not None
+    policy = pair_logps(trainer.model, rows, loss.length_norm, trainer.device, trainer.dtype)
+    return preference_metrics(policy, rows.ref_logps, loss.beta, loss.kind)
+
+
+def main(args: Any) -> None:
+    trainer, eval_rows, loss = prepare(args)
+    check = (lambda: describe(evaluate(trainer, eval_rows, loss))) if eval_rows is not None else None
+    fit_and_report(trainer, check)
