@@ -13,6 +13,9 @@ mc     each option scored as the continuation of the question:  s(o) = sum_t log
        user turn and the option (plus its `<|im_end|>`) as the assistant's reply.
 gsm8k  greedy generation, then the predicted number (`#### N`, else `<answer>N</answer>`, else the
        last number) compared with the reference as a number (72.0 == 72). Exact-match accuracy.
+format greedy generation for the first user turn of each SFT conversation (chat template, the reply
+       opening `<think>` itself, as `minimind reason` trains it); the share of replies that are exactly
+       `<think>…</think>` then `<answer>…</answer>`, both non-empty (whitespace around them allowed).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ from minimind.errors import ConfigError, DataError
 from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
 
-TASKS = ("ppl", "mc", "gsm8k")
+TASKS = ("ppl", "mc", "gsm8k", "format")
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages
 
 # ---- scoring: log-probabilities of the tokens of given sequences ------------------------------
@@ -139,7 +143,29 @@ def is_chat(run: Run, prompt_style: str = "auto") -> bool:
     return prompt_style == "chat" or (prompt_style == "auto" and run.is_chat)
 
 
-# ---- the three tasks ------------------------------------------------------------------------------
+def greedy_replies(
+    run: Run, prompts: list[Prompt], wheres: list[str], chat: bool, batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy reply to every prompt (the stop token dropped); prompts of similar length share a batch."""
+    from minimind.generate import SamplingParams, generate
+
+    tok, max_pos = run.tokenizer, run.model.cfg.max_position_embeddings
+    ids = [encode_prompt(tok, p, chat) for p in prompts]
+    replies = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        room = max_pos - max(len(ids[i]) for i in rows)
+        if room < 1:
+            longest = max(rows, key=lambda i: len(ids[i]))
+            raise ConfigError(f"{wheres[longest]}: the prompt fills the model's context ({max_pos} tokens)")
+        params = SamplingParams(temperature=0.0, max_new_tokens=min(max_new_tokens, room), stop_ids=tok.stop_ids)
+        for i, g in zip(rows, generate(run.model, [ids[i] for i in rows], params).generations):
+            replies[i] = tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
+    return replies
+
+
+# ---- the tasks ------------------------------------------------------------------------------------
 
 
 def eval_ppl(run: Run, path: Path, limit: int | None, batch_size: int, max_len: int) -> tuple[dict, list[dict]]:
@@ -215,24 +241,11 @@ def eval_mc(
 def eval_gsm8k(
     run: Run, path: Path, limit: int | None, batch_size: int, max_new_tokens: int, chat: bool, shots: list[MathItem]
 ) -> tuple[dict, list[dict]]:
-    from minimind.generate import SamplingParams, generate
-
-    tok, max_pos = run.tokenizer, run.model.cfg.max_position_embeddings
+    tok = run.tokenizer
     items = read_gsm8k(path)[:limit]
     prompts = [build_prompt(it.question, [(s.question, s.answer) for s in shots], chat) for it in items]
-    ids = [encode_prompt(tok, p, chat) for p in prompts]
-    replies = [""] * len(items)
-    order = sorted(range(len(items)), key=lambda i: len(ids[i]))  # similar lengths share a batch
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        room = max_pos - max(len(ids[i]) for i in rows)
-        if room < 1:
-            longest = max(rows, key=lambda i: len(ids[i]))
-            raise ConfigError(f"{items[longest].where}: the prompt fills the model's context ({max_pos} tokens)")
-        params = SamplingParams(temperature=0.0, max_new_tokens=min(max_new_tokens, room), stop_ids=tok.stop_ids)
-        for i, g in zip(rows, generate(run.model, [ids[i] for i in rows], params).generations):
-            text = tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
-            replies[i] = text if chat else text.split("\nQuestion:")[0]  # a plain model may go on to invent more
+    replies = greedy_replies(run, prompts, [it.where for it in items], chat, batch_size, max_new_tokens)
+    replies = [r if chat else r.split("\nQuestion:")[0] for r in replies]  # a plain model may invent more
     results = []
     for it, prompt, reply in zip(items, prompts, replies):
         pred = extract_number(reply)
@@ -249,6 +262,52 @@ def eval_gsm8k(
         )
     answered = float(np.mean([r["prediction"] is not None for r in results]))
     return {"accuracy": float(np.mean([r["correct"] for r in results])), "answered": answered}, results
+
+
+THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
+
+
+def follows_format(reply: str) -> bool:
+    """Whether a reply is `<think>…</think>` then `<answer>…</answer>`, both non-empty, no stray tags.
+
+    >>> follows_format("<think>\\n2 + 2 = 4\\n</think>\\n<answer>\\n4\\n</answer>")
+    True
+    >>> follows_format("<answer>4</answer>"), follows_format("<think> </think><answer>4</answer>")
+    (False, False)
+    """
+    m = THINK_ANSWER.fullmatch(reply)
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    return bool(m) and all(part.strip() and not any(t in part for t in tags) for part in m.groups())
+
+
+def eval_format(
+    run: Run, path: Path, limit: int | None, batch_size: int, max_new_tokens: int, chat: bool
+) -> tuple[dict, list[dict]]:
+    from minimind.data.chat import check_messages
+
+    prompts: list[Prompt] = []
+    wheres: list[str] = []
+    for lineno, obj in itertools.islice(iter_jsonl(path), limit):
+        where = f"{path}:{lineno}"
+        if "conversations" not in obj:
+            raise DataError(f"{where}: missing 'conversations' (expected {{\"conversations\": [...]}})")
+        messages = check_messages(obj["conversations"], where, final=None)
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        prompts.append(messages[: first + 1] if chat else messages[first]["content"])
+        wheres.append(where)
+    if not prompts:
+        raise DataError(f"{path}: no conversations")
+    replies = greedy_replies(run, prompts, wheres, chat, batch_size, max_new_tokens)
+    items = [
+        {"where": w, "prompt": render_prompt(run.tokenizer, p, chat), "output": r, "follows": follows_format(r)}
+        for w, p, r in zip(wheres, prompts, replies)
+    ]
+    metrics = {
+        "format": float(np.mean([it["follows"] for it in items])),
+        "think": float(np.mean([bool(re.search(r"<think>.*?</think>", r, re.S)) for r in replies])),
+        "answer": float(np.mean([bool(re.search(r"<answer>.*?</answer>", r, re.S)) for r in replies])),
+    }
+    return metrics, items
 
 
 def evaluate(
@@ -268,9 +327,10 @@ def evaluate(
     """The report of one task on one file: {task, run, stage, data, n, score, metric, metrics,
     prompt_style, shots, seconds, items}.
 
-    `score` is the main metric: ppl for ppl, accuracy for mc and gsm8k. `shots` solved examples come
-    from the start of `dev` (default: 5 when a dev file is given, else none). `run_dir` is only
-    recorded in the report. prompt_style: auto (plain for pretrain/init runs, else chat) | plain | chat.
+    `score` is the main metric: ppl for ppl, accuracy for mc and gsm8k, the compliant share for
+    format. `shots` solved examples come from the start of `dev` (default: 5 when a dev file is
+    given, else none). `run_dir` is only recorded in the report. prompt_style: auto (plain for
+    pretrain/init runs, else chat) | plain | chat.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
@@ -286,8 +346,8 @@ def evaluate(
         raise ConfigError("shots must be 0 or more")
     if shots and not dev:
         raise ConfigError("--shots needs --dev FILE with solved examples")
-    if task == "ppl" and shots:
-        raise ConfigError("ppl takes no few-shot examples")
+    if task in ("ppl", "format") and shots:
+        raise ConfigError(f"{task} takes no few-shot examples")
     examples: list[Any] = []
     if shots:
         examples = (read_mc(dev) if task == "mc" else read_gsm8k(dev))[:shots]  # type: ignore[arg-type]
@@ -300,9 +360,11 @@ def evaluate(
         metrics, items = eval_ppl(run, data, limit, batch_size, max_len)
     elif task == "mc":
         metrics, items = eval_mc(run, data, limit, batch_size, max_len, chat, examples)
-    else:
+    elif task == "gsm8k":
         metrics, items = eval_gsm8k(run, data, limit, batch_size, max_new_tokens, chat, examples)
-    main_metric = "ppl" if task == "ppl" else "accuracy"
+    else:
+        metrics, items = eval_format(run, data, limit, batch_size, max_new_tokens, chat)
+    main_metric = {"ppl": "ppl", "format": "format"}.get(task, "accuracy")
     return {
         "task": task,
         "run": str(run_dir) if run_dir else None,
@@ -337,8 +399,10 @@ def format_report(report: dict[str, Any]) -> str:
 
 def add_arguments(p: Any) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--task", required=True, choices=TASKS, help="ppl | mc (multiple choice) | gsm8k")
-    p.add_argument("--data", required=True, metavar="FILE", help="ppl: .jsonl/.txt; mc: .csv/.jsonl; gsm8k: .jsonl")
+    p.add_argument("--task", required=True, choices=TASKS, help="ppl | mc (multiple choice) | gsm8k | format")
+    p.add_argument(
+        "--data", required=True, metavar="FILE", help="ppl: .jsonl/.txt; mc: .csv/.jsonl; gsm8k, format: .jsonl"
+    )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items")
     p.add_argument("--out", metavar="REPORT.json", help="write the full report (per-item results) here")
     p.add_argument("--dev", metavar="FILE", help="solved examples for few-shot prompts (mc, gsm8k)")
@@ -350,7 +414,7 @@ def add_arguments(p: Any) -> None:
         default=512,
         help="ppl: longer documents are cut into windows; mc: longer prompts lose their start",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation length")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k/format generation length")
     p.add_argument("--prompt-style", choices=["auto", "plain", "chat"], default="auto",
                    help="auto: plain for pretrain/init runs, the chat template otherwise")  # fmt: skip
     p.add_argument("--lora", metavar="DIR", help="apply this LoRA adapter to the run's model")
