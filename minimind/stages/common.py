@@ -89,14 +89,23 @@ def train(
 ) -> tuple[Trainer, TrainResult]:
     """Fit with the engine, printing held-out loss before and after when eval rows are given."""
     trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, loss_fn, checkpoint)
-    if eval_rows is not None and trainer.rank == 0:
-        print(f"held-out loss before: {evaluate_loss(trainer.model, eval_rows):.4f}")
+    held_out = (lambda: f"{evaluate_loss(trainer.model, eval_rows):.4f}") if eval_rows is not None else None
+    return trainer, fit_and_report(trainer, held_out, "loss tokens", label="held-out loss")
+
+
+def fit_and_report(
+    trainer: Trainer, evaluate: Callable[[], str] | None, unit: str, label: str = "held-out"
+) -> TrainResult:
+    """Fit with the engine; print the held-out measure (if any) before and after, and a summary.
+    `unit` names what the engine counted (loss tokens, or pairs for preference stages)."""
+    if evaluate is not None and trainer.rank == 0:
+        print(f"{label} before: {evaluate()}", flush=True)
     result = trainer.fit()
     if trainer.rank == 0:
         print(
-            f"done: {result.steps} steps, {result.tokens:,} loss tokens in {result.seconds:.0f} s "
-            f"({result.tokens_per_s:,.0f} tok/s), final loss {result.final_loss:.4f} -> {cfg.out}"
+            f"done: {result.steps} steps, {result.tokens:,} {unit} in {result.seconds:.0f} s "
+            f"({result.tokens_per_s:,.0f} {unit}/s), final loss {result.final_loss:.4f} -> {trainer.out}"
         )
-        if eval_rows is not None:
-            print(f"held-out loss after: {evaluate_loss(trainer.model, eval_rows):.4f}")
-    return trainer, result
+        if evaluate is not None:
+            print(f"{label} after: {evaluate()}", flush=True)
+    return result

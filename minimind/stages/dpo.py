@@ -26,11 +26,11 @@ from torch import nn
 from minimind.checkpoint import load_run
 from minimind.config import TrainConfig, _parse_bool, preset_of
 from minimind.data.preference import FORMS, PairBatch, PairRows, read_preferences
-from minimind.engine import Trainer, TrainResult
+from minimind.engine import Trainer
 from minimind.errors import ConfigError
 from minimind.losses import dpo_loss, sequence_logprobs
 from minimind.model import MiniMind
-from minimind.stages.common import add_stage_arguments, stage_options, start_from
+from minimind.stages.common import add_stage_arguments, fit_and_report, stage_options, start_from
 from minimind.stages.sft import stage_defaults
 from minimind.tokenizer import Tokenizer
 
@@ -162,21 +162,6 @@ def describe(m: dict) -> str:
     return f"DPO loss {m['loss']:.4f}, {rewards}, chosen likelier than rejected {m['prefers_chosen']:.0%}"
 
 
-def fit_and_report(trainer: Trainer, evaluate: Callable[[], str] | None, unit: str = "pairs") -> TrainResult:
-    """Fit with the engine; print the held-out measure (if any) before and after."""
-    if evaluate is not None and trainer.rank == 0:
-        print(f"held-out before: {evaluate()}", flush=True)
-    result = trainer.fit()
-    if trainer.rank == 0:
-        print(
-            f"done: {result.steps} steps, {result.tokens:,} {unit} in {result.seconds:.0f} s, "
-            f"final loss {result.final_loss:.4f} -> {trainer.out}"
-        )
-        if evaluate is not None:
-            print(f"held-out after: {evaluate()}", flush=True)
-    return result
-
-
 def pair_rows(paths: list[str], tok: Tokenizer, cfg: TrainConfig, shifted: bool, name: str = "data") -> PairRows:
     """Rows of the pairs in `paths`, after printing what was read (DPO cuts replies, RM drops)."""
     data = read_preferences(
@@ -251,4 +236,4 @@ def evaluate(trainer: Trainer, rows: PairRows, loss: DPOLoss) -> dict:
 def main(args: Any) -> None:
     trainer, eval_rows, loss = prepare(args)
     check = (lambda: describe(evaluate(trainer, eval_rows, loss))) if eval_rows is not None else None
-    fit_and_report(trainer, check)
+    fit_and_report(trainer, check, "pairs")

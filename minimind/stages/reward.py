@@ -27,8 +27,8 @@ from minimind.engine import Trainer
 from minimind.errors import ConfigError
 from minimind.losses import bradley_terry_loss
 from minimind.reward_model import RewardModel, load_reward_model
-from minimind.stages.common import add_stage_arguments, stage_options, start_from
-from minimind.stages.dpo import DPO_DEFAULTS, fit_and_report, pair_rows, per_pair
+from minimind.stages.common import add_stage_arguments, fit_and_report, stage_options, start_from
+from minimind.stages.dpo import DPO_DEFAULTS, pair_rows, per_pair
 from minimind.stages.sft import stage_defaults
 
 # Upstream trains no reward model (its RL stages score with an external InternLM2 reward model), so
@@ -130,4 +130,4 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None]:
 def main(args: Any) -> None:
     trainer, eval_rows = prepare(args)
     check = (lambda: describe(ranking(pair_scores(trainer, eval_rows)))) if eval_rows is not None else None
-    fit_and_report(trainer, check)
+    fit_and_report(trainer, check, "pairs")
