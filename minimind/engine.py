@@ -48,7 +48,7 @@ PEAK_FLOPS = {
 }
 
 # A stage's loss: (sum of per-unit losses, MoE balance loss) or, with metrics to log, also a dict of
-# per-unit sums (e.g. DPO's reward margin summed over pairs). A unit is whatever Batch.num_tokens counts.
+# per-unit sums (e.g. DPO's reward margin summed over pairs). Units are what Batch.loss_units counts.
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, ...]]
 
 
@@ -200,13 +200,16 @@ class Trainer:
             out.append(self.rows.batch(rows[self.rank * B : (self.rank + 1) * B]))  # ... and keeps its slice
         return out
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(summed loss of this process, grad norm, loss tokens of the whole step)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """(summed loss of this process, grad norm, loss units and tokens of the whole step)."""
         micro = self._micro_batches()
-        step_tokens = torch.tensor(sum(b.num_tokens for b in micro), dtype=torch.float64)
+        # What the loss sums are divided by (loss tokens, pairs, or token weights), and the tokens
+        # throughput counts: both for the whole step, all processes.
+        step = torch.tensor([sum(b.loss_units for b in micro), sum(b.num_tokens for b in micro)], dtype=torch.float64)
         if self.world > 1:
-            dist.all_reduce(step_tokens)
-        denom = float(step_tokens) / self.world  # DDP averages gradients over processes
+            dist.all_reduce(step)
+        units, tokens = float(step[0]), int(step[1])
+        denom = units / self.world  # DDP averages gradients over processes
         lr = lr_at(self.step, self.total_steps, self.warmup, self.cfg.lr, self.cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -229,7 +232,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_total, grad_norm, int(step_tokens)
+        return loss_total, grad_norm, units, tokens
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -248,11 +251,12 @@ class Trainer:
             )
         start, window_start = time.perf_counter(), time.perf_counter()
         window_loss = torch.zeros((), device=self.device)
-        window_tokens, run_tokens, last_loss = 0, 0, float("nan")
+        window_units, window_tokens, run_tokens, last_loss = 0.0, 0, 0, float("nan")
         first_step = self.step
         while self.step < self.total_steps:
-            loss_sum, grad_norm, tokens = self.train_step()
+            loss_sum, grad_norm, units, tokens = self.train_step()
             window_loss += loss_sum
+            window_units += units
             window_tokens += tokens
             run_tokens += tokens
             self.tokens_seen += tokens
@@ -260,8 +264,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or is_last:
                 if self.world > 1:
                     dist.all_reduce(window_loss)
-                last_loss = float(window_loss) / max(window_tokens, 1)
-                self._window_units = window_tokens
+                last_loss = float(window_loss) / max(window_units, 1e-9)
+                self._window_units = window_units
                 if self.world > 1:
                     for v in self.metric_sums.values():
                         dist.all_reduce(v)
@@ -270,7 +274,7 @@ class Trainer:
                 self._log(last_loss, float(grad_norm), window_tokens / elapsed, time.perf_counter() - start, first_step)
                 window_loss.zero_()
                 self.metric_sums = {}
-                window_tokens, window_start = 0, time.perf_counter()
+                window_units, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
                 self._check_finite(float(loss_sum))
                 self.save()
@@ -302,7 +306,7 @@ class Trainer:
         record = {
             "step": self.step,
             "loss": round(loss, 6),
-            **{k: round(float(v) / max(self._window_units, 1), 6) for k, v in self.metric_sums.items()},
+            **{k: round(float(v) / max(self._window_units, 1e-9), 6) for k, v in self.metric_sums.items()},
             "lr": lr,
             "grad_norm": round(grad_norm, 6),
             "tokens_per_s": round(tokens_per_s, 1),

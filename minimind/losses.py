@@ -102,3 +102,223 @@ def kd_kl_sum(
         a, b = (log_s, log_t) if reverse else (log_t, log_s)
         total = total + (a.exp() * (a - b)).sum()
     return total * temperature**2
+
+
+# ---- reinforcement learning ----
+#
+# Tensors of the RL stages: (B, T) per-token values for the completion tokens only, and a `mask`
+# (B, T), float or bool, that is 1 on real completion tokens (up to and including the first EOS) and
+# 0 elsewhere. Real tokens need not start at column 0: every function finds them through the mask.
+# All arithmetic is float32 whatever the autocast dtype.
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(x m) / max(sum(m), 1): the mean of x over the tokens the mask keeps (0 when it keeps none)."""
+    keep = mask != 0
+    return torch.where(keep, x.float(), 0.0).sum() / keep.sum().clamp(min=1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantage of each of the G completions sampled for one prompt, (B,) -> (B,).
+
+        GRPO (Shao et al. 2024):     A_i = (r_i - mean_G(r)) / (std_G(r) + eps)
+        Dr.GRPO (Liu et al. 2025):   A_i =  r_i - mean_G(r)                      (scale=False)
+    Rows are grouped consecutively: rows [kG, (k+1)G) answer prompt k. std is the Bessel-corrected
+    sample std (as upstream MiniMind and TRL). A group whose rewards are all equal gets A = 0 for
+    every row: it carries no learning signal (count them with `zero_signal_groups`).
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size} (need >= 2 each)")
+    r = rewards.detach().float().reshape(-1, group_size)
+    a = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        a = a / (r.std(dim=1, keepdim=True) + eps)
+    return a.reshape(-1)
+
+
+def zero_signal_groups(rewards: torch.Tensor, group_size: int) -> int:
+    """How many groups have all rewards equal (all right or all wrong): their advantages are all 0."""
+    r = rewards.detach().reshape(-1, group_size)
+    return int((r.amax(dim=1) == r.amin(dim=1)).sum())
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020):
+
+        d = log pi_ref(y_t) - log pi(y_t),   k3 = exp(d) - d - 1  >= 0,  = 0 iff d = 0
+    Unbiased (E_pi[exp(d)] = 1) and never negative, unlike the naive -d. Written as expm1(d) - d so
+    that small d keeps its digits. The gradient flows through `logp` (d k3 / d logp = 1 - exp(d)).
+    """
+    d = ref_logp.float() - logp.float()
+    return torch.expm1(d) - d
+
+
+POLICY_LOSSES = ("grpo", "dr_grpo", "ppo", "cispo")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "grpo",
+    clip: float = 0.2,
+    clip_high: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """Policy-gradient loss on completion tokens. Returns (loss sum, units, stats); loss = sum / units.
+
+    logp: log pi_theta(y_t) with gradient; old_logp: log pi_old(y_t) of the policy that sampled the
+    rollouts (no gradient); advantages: (B,) per completion or (B, T) per token. With
+    rho_t = exp(logp_t - old_logp_t) (exactly 1 on the first step after sampling, logp == old_logp):
+
+        clipped (grpo, dr_grpo, ppo; Schulman et al. 2017):
+            L_t = -min(rho_t A_t, clip(rho_t, 1 - clip, 1 + clip_high) A_t) + beta k3_t
+        cispo (MiniMax-M1, 2025): the clipped ratio is a detached weight, the gradient flows through logp:
+            L_t = -sg(clip(rho_t, 1 - clip, 1 + clip_high)) A_t logp_t + beta k3_t
+    k3_t = k3_kl(logp, ref_logp) when `ref_logp` is given and beta > 0. clip_high defaults to `clip`
+    (DAPO's clip-higher sets it larger; MiniMax-M1 uses a large `clip` to drop the lower bound).
+
+    Aggregation, and so what the loss sum holds and the caller divides by (the engine divides by the
+    units of the whole optimizer step, so accumulation gives the gradient of one big batch):
+        grpo:     each completion's mean over its own tokens, summed over completions;
+                  units = B completions -> loss = mean_i (1/|o_i|) sum_t L_it.
+        dr_grpo:  sum_t L_it / max_len summed over completions, units = B -> loss = sum_it L_it / (B max_len).
+                  No division by each completion's length: a long wrong answer is not diluted. `max_len`
+                  must be the same constant for every micro-batch (the generation budget,
+                  max_new_tokens); it defaults to T, which is only constant if rows are padded to it.
+        ppo, cispo: sum over all tokens, units = tokens -> loss = sum_it L_it / sum_i |o_i|
+                  (token-level mean over the whole batch, as PPO/DAPO and MiniMax-M1 do).
+
+    stats (detached float32 scalars, masked means over tokens):
+        clip_frac:  share of tokens where clipping changed the objective: clipped kinds pick the
+                    clipped branch only when A > 0 and rho > 1 + clip_high, or A < 0 and rho < 1 - clip
+                    (there its gradient is 0); cispo: share of tokens whose weight was clipped.
+        ratio:      mean rho.    approx_kl: mean (rho - 1) - log rho, the k3 estimate of KL(pi_old || pi).
+        kl_ref:     mean k3 to the reference (only when ref_logp is given).
+    """
+    if kind not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {kind!r} (one of {', '.join(POLICY_LOSSES)})")
+    clip_high = clip if clip_high is None else clip_high
+    keep = mask != 0
+    m = keep.float()
+    # Padding positions are set to 0 before any arithmetic: a -inf there would turn 0 * inf into NaN.
+    logp = logp.float().masked_fill(~keep, 0.0)
+    adv = advantages.detach().float()
+    adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).masked_fill(~keep, 0.0)
+    log_ratio = logp - old_logp.detach().float().masked_fill(~keep, 0.0)
+    rho = torch.exp(log_ratio)
+    rho_clipped = rho.clamp(1 - clip, 1 + clip_high)
+    if kind == "cispo":
+        per_token = -rho_clipped.detach() * adv * logp
+        clipped = rho_clipped != rho
+    else:
+        per_token = -torch.min(rho * adv, rho_clipped * adv)
+        clipped = ((adv > 0) & (rho > 1 + clip_high)) | ((adv < 0) & (rho < 1 - clip))
+    stats = {}
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp.float().masked_fill(~keep, 0.0))
+        if beta:
+            per_token = per_token + beta * kl
+        stats["kl_ref"] = masked_mean(kl.detach(), m)
+    per_token = per_token * m
+    if kind == "grpo":
+        loss, units = (per_token.sum(-1) / m.sum(-1).clamp(min=1)).sum(), m.shape[0]
+    elif kind == "dr_grpo":
+        loss, units = per_token.sum() / (max_len or m.shape[-1]), m.shape[0]
+    else:
+        loss, units = per_token.sum(), int(m.sum())
+    rho = rho.detach()
+    stats["clip_frac"] = masked_mean(clipped.float(), m)
+    stats["ratio"] = masked_mean(rho, m)
+    stats["approx_kl"] = masked_mean(rho - 1 - log_ratio.detach(), m)
+    return loss, units, stats
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's real tokens (Schulman et al. 2016): (A, returns).
+
+        delta_t = r_t + gamma V_{t'} - V_t,     A_t = delta_t + gamma lam A_{t'},     R_t = A_t + V_t
+    where t' is the row's next *real* token (masked positions are skipped, not treated as steps), and
+    after the last real token V_{t'} = A_{t'} = 0: the episode ends there, nothing is bootstrapped
+    from values at padding. Outputs are 0 off the mask and carry no gradient.
+    """
+    m = mask.float()
+    r, v = rewards.detach().float() * m, values.detach().float() * m
+    adv = torch.zeros_like(r)
+    next_v, next_a = torch.zeros_like(r[:, 0]), torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        a = r[:, t] + gamma * next_v - v[:, t] + gamma * lam * next_a
+        keep = m[:, t] > 0
+        adv[:, t] = torch.where(keep, a, 0.0)
+        next_a, next_v = torch.where(keep, a, next_a), torch.where(keep, v[:, t], next_v)
+    return adv, (adv + v) * m
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) with mean and Bessel-corrected var over the masked tokens; 0 off the mask.
+
+    shift_mean=False adds the mean back (only rescales): whitening rewards must not change their sign.
+    """
+    m = mask.float()
+    x = x.detach().float()
+    mean = masked_mean(x, m)
+    var = (((x - mean) * m) ** 2).sum() / (m.sum() - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * m
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (PPO as in OpenAI baselines), summed over masked tokens; divide by their count.
+
+        V_c = old_V + clip(V - old_V, -clip, clip),     L_t = 0.5 max((V_t - R_t)^2, (V_c,t - R_t)^2)
+    Returns (sum_t L_t, share of tokens where the clipped term was the larger one).
+    """
+    m = mask.float()
+    v, old, ret = values.float(), old_values.detach().float(), returns.detach().float()
+    v_clipped = old + (v - old).clamp(-clip, clip)
+    loss_plain, loss_clipped = (v - ret) ** 2, (v_clipped - ret) ** 2
+    loss = 0.5 * torch.max(loss_plain, loss_clipped)
+    return (loss * m).sum(), masked_mean((loss_clipped > loss_plain).float(), m)
+
+
+def token_rewards(
+    score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """PPO's per-token reward (Ziegler et al. 2019): a KL penalty on every token, the score at the end.
+
+        r_t = -kl_coef (logp_t - ref_logp_t) + [t = last real token of the row] score
+    The last real token is found from the mask, row by row (the highest column where mask = 1), so
+    rows of any length, and real tokens not starting at column 0, get their score in the right place.
+    Rows without real tokens get nothing. 0 off the mask; no gradient.
+    """
+    m = mask.float()
+    r = -kl_coef * (logp.detach().float() - ref_logp.detach().float()) * m
+    T = m.shape[1]
+    last = T - 1 - (m.flip(-1) > 0).int().argmax(-1)  # argmax finds the first 1 from the right
+    has_tokens = m.sum(-1) > 0
+    rows = torch.arange(m.shape[0], device=m.device)
+    r[rows, last] += torch.where(has_tokens, score.detach().float(), 0.0)
+    return r
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Mean entropy of the next-token distribution over masked positions:
+
+        H_t = -sum_v p_v log p_v,  p = softmax(logits_t);   returns sum_t m_t H_t / sum_t m_t
+    Computed `chunk` positions at a time in float32, only at masked positions, so a (tokens x vocab)
+    float32 tensor never exists for the whole batch. Differentiable (usable as an entropy bonus).
+    """
+    z = logits.reshape(-1, logits.shape[-1])
+    keep = mask.reshape(-1).nonzero().squeeze(-1)
+    total = z.new_zeros((), dtype=torch.float32)
+    for start in range(0, keep.numel(), chunk):
+        logp = torch.log_softmax(z[keep[start : start + chunk]].float(), dim=-1)
+        total = total - (logp.exp() * logp).sum()
+    return total / max(keep.numel(), 1)

@@ -126,15 +126,19 @@ def _build_pipeline(root) -> dict:
 
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory, worker_id):
-    """The demo pipeline at test scale, built once per test session even under xdist (file lock)."""
+def pipeline(tmp_path_factory):
+    """The demo pipeline at test scale, built once per test session even under xdist (file lock).
+    MINIMIND_TEST_PIPELINE=DIR keeps it in DIR across sessions (while developing: saves minutes)."""
     import fcntl
     import json
     from pathlib import Path
 
     base = tmp_path_factory.getbasetemp()
-    shared = (base if worker_id == "master" else base.parent) / "pipeline"  # one per session
-    shared.mkdir(exist_ok=True)
+    under_xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    shared = (base.parent if under_xdist else base) / "pipeline"  # one per session
+    if os.environ.get("MINIMIND_TEST_PIPELINE"):
+        shared = Path(os.environ["MINIMIND_TEST_PIPELINE"])
+    shared.mkdir(parents=True, exist_ok=True)
     with open(shared / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = shared / "done.json"

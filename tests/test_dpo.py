@@ -60,7 +60,7 @@ def test_only_the_final_reply_is_compared(tokenizer, tmp_path):
     data = read_preferences([path], tokenizer, 200)
     rows = PairRows(data, 199, tokenizer.pad_id)
     batch = rows.batch(np.array([0, 1]))
-    assert batch.num_tokens == 2 and batch.input_ids.shape[0] == 4 and batch.input_ids.shape[1] % 8 == 0
+    assert batch.pairs == 2 and batch.input_ids.shape[0] == 4 and batch.input_ids.shape[1] % 8 == 0
     model = sharp_model(vocab_size=tokenizer.vocab_size).requires_grad_(False)
     logp, _ = dpo.reply_logps(model, batch, length_norm=False)
     cases = [

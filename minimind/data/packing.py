@@ -30,8 +30,15 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens that carry loss (counted on the host, before the batch moves to a device)."""
+        """Tokens that carry loss (counted on the host, before the batch moves to a device); the
+        engine's throughput counts these."""
         return int((self.labels != IGNORE).sum())
+
+    @property
+    def loss_units(self) -> float:
+        """What the stage's loss sum is divided by, summed over the optimizer step: its loss tokens,
+        unless a stage counts otherwise (pairs for DPO, the summed token weights for reasoning)."""
+        return self.num_tokens
 
 
 class Rows(Protocol):

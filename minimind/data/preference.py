@@ -177,7 +177,8 @@ def read_preferences(
 
 @dataclass
 class PairBatch(Batch):
-    """2B sequences, right-padded: the B chosen, then the B rejected. The engine's unit is the pair.
+    """2B sequences, right-padded: the B chosen, then the B rejected. The loss is averaged over pairs;
+    throughput counts the real (unpadded) tokens of both sides.
 
     shifted rows (DPO): inputs ids[:-1], labels ids[1:] on the final reply only, IGNORE elsewhere.
     whole rows (reward model): inputs are the ids; `lengths` - 1 indexes each closing <|im_end|>.
@@ -187,8 +188,17 @@ class PairBatch(Batch):
     lengths: torch.Tensor | None = None  # (2B,) real (unpadded) positions per row
 
     @property
-    def num_tokens(self) -> int:
+    def pairs(self) -> int:
         return self.input_ids.shape[0] // 2
+
+    @property
+    def loss_units(self) -> float:
+        return self.pairs
+
+    @property
+    def num_tokens(self) -> int:
+        assert self.lengths is not None
+        return int(self.lengths.sum())
 
     def to(self, device: torch.device) -> PairBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)

@@ -90,14 +90,14 @@ def train(
     """Fit with the engine, printing held-out loss before and after when eval rows are given."""
     trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, loss_fn, checkpoint)
     held_out = (lambda: f"{evaluate_loss(trainer.model, eval_rows):.4f}") if eval_rows is not None else None
-    return trainer, fit_and_report(trainer, held_out, "loss tokens", label="held-out loss")
+    return trainer, fit_and_report(trainer, held_out, label="held-out loss")
 
 
 def fit_and_report(
-    trainer: Trainer, evaluate: Callable[[], str] | None, unit: str, label: str = "held-out"
+    trainer: Trainer, evaluate: Callable[[], str] | None, unit: str = "tokens", label: str = "held-out"
 ) -> TrainResult:
-    """Fit with the engine; print the held-out measure (if any) before and after, and a summary.
-    `unit` names what the engine counted (loss tokens, or pairs for preference stages)."""
+    """Fit with the engine; print the held-out measure (if any) before and after, and a summary
+    (`unit`: what the engine's throughput counted, Batch.num_tokens)."""
     if evaluate is not None and trainer.rank == 0:
         print(f"{label} before: {evaluate()}", flush=True)
     result = trainer.fit()

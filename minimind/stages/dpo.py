@@ -93,7 +93,7 @@ class DPOLoss:
                 raise ValueError("DPOLoss needs a reference model or precomputed reference log-probs")
             with torch.no_grad():
                 ref, _ = reply_logps(self.reference, batch, self.length_norm)
-        B = batch.num_tokens
+        B = batch.pairs
         loss, chosen_reward, rejected_reward = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta, self.kind)
         margin = chosen_reward - rejected_reward
         metrics = {
@@ -128,7 +128,7 @@ def per_pair(
         batch = rows.batch(np.arange(start, min(len(rows), start + batch_size))).to(device)
         with autocast(device, dtype):
             v = value(model, batch)
-        B = batch.num_tokens
+        B = batch.pairs
         out.append(torch.stack([v[:B], v[B:]], 1).float().cpu())
     model.train(was_training)
     return torch.cat(out)
@@ -236,4 +236,4 @@ def evaluate(trainer: Trainer, rows: PairRows, loss: DPOLoss) -> dict:
 def main(args: Any) -> None:
     trainer, eval_rows, loss = prepare(args)
     check = (lambda: describe(evaluate(trainer, eval_rows, loss))) if eval_rows is not None else None
-    fit_and_report(trainer, check, "pairs")
+    fit_and_report(trainer, check)

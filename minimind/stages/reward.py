@@ -52,7 +52,7 @@ def add_arguments(p: Any) -> None:
 def reward_loss(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The engine's loss: (sum over pairs of the Bradley–Terry loss, MoE balance loss, metric sums)."""
     scores, aux = model(batch.input_ids, lengths=batch.lengths)
-    B = batch.num_tokens
+    B = batch.pairs
     chosen, rejected = scores[:B], scores[B:]
     margin = (chosen - rejected).detach()
     metrics = {"accuracy": (margin > 0).float().sum(), "margin": margin.sum()}
@@ -130,4 +130,4 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None]:
 def main(args: Any) -> None:
     trainer, eval_rows = prepare(args)
     check = (lambda: describe(ranking(pair_scores(trainer, eval_rows)))) if eval_rows is not None else None
-    fit_and_report(trainer, check, "pairs")
+    fit_and_report(trainer, check)

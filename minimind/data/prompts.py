@@ -1,0 +1,108 @@
+"""Prompts for the RL stages (PPO, GRPO, SPO): SFT-format conversations whose final reply is left out.
+
+One JSON object per line, upstream's RLAIF format plus an optional reference answer:
+
+    {"conversations": [{"role": "user", "content": "What is 2 + 3?"},
+                       {"role": "assistant", "content": "无"}],
+     "answer": "5"}
+
+The final assistant turn is a placeholder and is dropped whatever it holds (upstream writes "无",
+other copies "空", some nothing at all); a conversation that already ends with a user turn is a
+prompt as it is. An optional system message may come first, and earlier assistant turns of a
+multi-turn prompt are kept: the policy writes the next reply. `answer` (a string or a number, kept
+as a string) is what rule rewards such as `rule:math` check the reply against. Every other check is
+SFT's (`check_messages`): known roles, alternating turns, no control tokens in the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minimind.data.chat import check_messages
+from minimind.data.readers import iter_jsonl
+from minimind.errors import DataError
+from minimind.tokenizer import BOS, Tokenizer
+
+
+@dataclass
+class Prompt:
+    """A conversation that ends with a user turn, waiting for the policy's reply."""
+
+    messages: list[dict]  # [{"role", "content"}], validated, ending with the user turn
+    answer: str | None  # reference answer for rule rewards, or None
+    where: str  # FILE:LINE, for errors about this prompt
+
+
+class Prompts(list[Prompt]):
+    """The prompts of some files (a list of `Prompt`), with the bad lines skipped on the way."""
+
+    def __init__(self, prompts: list[Prompt], skipped: list[str]):
+        super().__init__(prompts)
+        self.skipped = skipped
+
+    def report(self) -> str:
+        with_answer = sum(p.answer is not None for p in self)
+        text = f"{len(self):,} prompts ({with_answer:,} with a reference answer)"
+        return text + (f", {len(self.skipped):,} bad lines skipped" if self.skipped else "")
+
+
+def check_prompt(obj: dict[str, Any], where: str) -> Prompt:
+    """The prompt of one JSONL record, or DataError naming `where`."""
+    if "conversations" not in obj:
+        raise DataError(f"{where}: missing 'conversations' (expected {{\"conversations\": [...]}})")
+    messages = obj["conversations"]
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        if messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # the placeholder for the reply to generate
+            if not messages:
+                raise DataError(f"{where}: 'conversations' holds only the assistant placeholder, no prompt")
+    messages = check_messages(messages, where, final="user")
+    answer = obj.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
+        raise DataError(f"{where}: 'answer' must be a string or a number, got {answer!r}")
+    if answer is not None:
+        answer = str(answer).strip()
+        if not answer:
+            raise DataError(f"{where}: 'answer' is empty (leave the key out for prompts without one)")
+    return Prompt(messages, answer, where)
+
+
+def read_prompts(paths: list[str | Path], skip_bad_lines: bool = False) -> Prompts:
+    """Every prompt of the files, in order. A malformed line is a DataError `FILE:LINE: reason`, or
+    with `skip_bad_lines` is left out and its message kept in `.skipped`."""
+    skipped: list[str] = []
+    out = []
+    for path in paths:
+        count = 0
+        for lineno, obj in iter_jsonl(path, skipped if skip_bad_lines else None):
+            try:
+                out.append(check_prompt(obj, f"{path}:{lineno}"))
+            except DataError as e:
+                if not skip_bad_lines:
+                    raise
+                skipped.append(str(e))
+                continue
+            count += 1
+        if not count:
+            raise DataError(f"{path}: no usable prompts")
+    return Prompts(out, skipped)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, think: bool | None = None) -> list[int]:
+    """The ids the policy continues: the chat template with the assistant header opened.
+
+    think=True opens a `<think>` block (the policy reasons first), False inserts an empty one (it
+    answers directly), None leaves it to the template (ours: nothing; upstream's: an empty block).
+    """
+    return tokenizer.encode_chat(prompt.messages, add_generation_prompt=True, enable_thinking=think)
+
+
+def reply_prefix(tokenizer: Tokenizer, think: bool | None = None) -> str:
+    """The text of the reply that the generation prompt already wrote after `<|im_start|>assistant\\n`:
+    "" or "<think>\\n" or "<think>\\n\\n</think>\\n\\n" with our template. Rewards judge whole replies,
+    so the RL stages put this in front of each decoded completion before scoring it.
+    """
+    text = tokenizer.render_chat([{"role": "user", "content": "?"}], add_generation_prompt=True, enable_thinking=think)
+    return text.rpartition(f"{BOS}assistant\n")[2]

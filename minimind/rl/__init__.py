@@ -1,0 +1,1 @@
+"""Reinforcement learning from rewards: the reward functions (`rewards.py`) the RL stages share."""
