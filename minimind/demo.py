@@ -27,6 +27,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--sft-steps", type=int, default=300)
     p.add_argument("--lora-steps", type=int, default=80)
+    p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--reason-steps", type=int, default=60)
 
 
 def first_question(conversation: list[dict]) -> tuple[list[dict], str]:
@@ -146,6 +148,7 @@ def main(args: Any) -> None:
     print(f"   {n} new tokens, batch 1: cached {cached:.0f} tok/s, recompute {naive:.0f} tok/s ({cached / naive:.1f}x)")
 
     post_training(out, files, args)
+    preference_and_reasoning(out, files, args)
 
     section("done")
     print(f"finished in {time.perf_counter() - t0:.0f} s. Every step above is one command; see README.md.")
@@ -160,6 +163,14 @@ def cli(*argv: Any) -> None:
     minimind(args)
 
 
+def common_flags(out: Path, args: Any) -> list[Any]:
+    """Training flags every post-training step of the demo shares."""
+    return [
+        *("--max-seq-len", 128, "--batch-size", 16, "--cache-dir", out / "cache", "--seed", args.seed),
+        *("--log-every", 50, "--warmup-steps", 10),
+    ]
+
+
 def post_training(out: Path, files: dict[str, Path], args: Any) -> None:
     """SFT -> LoRA identity adapter -> chat -> eval, each measured on held-out demo data."""
     from minimind.data.chat import iter_conversations
@@ -167,8 +178,7 @@ def post_training(out: Path, files: dict[str, Path], args: Any) -> None:
     from minimind.eval import evaluate
     from minimind.lora import load_adapter
 
-    common = ["--max-seq-len", 128, "--batch-size", 16, "--cache-dir", out / "cache", "--seed", args.seed]
-    common += ["--log-every", 50, "--warmup-steps", 10]
+    common = common_flags(out, args)
     held = list(iter_conversations([files["sft_heldout"]]))[:100]
     shutil.rmtree(out / "sft", ignore_errors=True)  # the demo owns its directory: start clean
 
@@ -221,3 +231,31 @@ def post_training(out: Path, files: dict[str, Path], args: Any) -> None:
             else f"accuracy {m['accuracy']:.0%}" + (f" (chance {m['chance']:.0%})" if "chance" in m else "")
         )
         print(f"   {task:<6} {name:<9} {Path(data).name:<22} {r['n']:>4}  {detail}")
+
+
+def preference_and_reasoning(out: Path, files: dict[str, Path], args: Any) -> None:
+    """DPO on preference pairs, then reasoning distillation, each from the SFT run."""
+    from minimind.data.chat import iter_conversations
+    from minimind.eval import evaluate
+
+    common = common_flags(out, args)
+    held = list(iter_conversations([files["sft_heldout"]]))[:100]
+    for name in ("dpo", "reason"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+    section("10. DPO: prefer the right answer over a wrong one (held-out pairs)")
+    cli("dpo", "--from", out / "sft", "--data", files["dpo"], "--eval-data", files["dpo_heldout"],
+        "--out", out / "dpo", "--max-steps", args.dpo_steps, *common)  # fmt: skip
+    sft, dpo = load_run(out / "sft"), load_run(out / "dpo")
+    before, _ = answer_accuracy(sft.model, sft.tokenizer, held)
+    after, _ = answer_accuracy(dpo.model, dpo.tokenizer, held)
+    print(f"   held-out questions answered exactly right: SFT {before:.0%} -> DPO {after:.0%}")
+
+    section("11. reasoning distillation: <think>...</think><answer>...</answer>, tags weighted x10")
+    cli("reason", "--from", out / "sft", "--data", files["reason"], "--eval-data", files["reason_heldout"],
+        "--out", out / "reason", "--max-steps", args.reason_steps, "--format-tokens", 96, *common)  # fmt: skip
+    reasoner = load_run(out / "reason")
+    for name, run in (("SFT", sft), ("reason", reasoner)):
+        r = evaluate(run, "gsm8k", files["math_heldout"], limit=100, max_new_tokens=96)
+        print(f"   {name:>6}: held-out sums answered right {r['metrics']['accuracy']:.0%}")
+    cli("chat", out / "reason", "--prompt", "What is 27 + 35?", "--temperature", 0)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -137,6 +137,50 @@ class RunCheckpoint:
         load_weights(trainer.model, trainer.out / WEIGHTS)
 
 
+class BatchSource(Protocol):
+    """Where each optimizer step's micro-batches come from. Its state goes into train_state.pt."""
+
+    def steps_per_epoch(self) -> int: ...
+
+    def next_step(self) -> list[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RowBatches:
+    """The default source: `accumulation` global batches of rows per step, in a seeded shuffled order
+    (a fresh one each epoch); every process draws the global batch and keeps its slice."""
+
+    def __init__(self, rows: Rows, cfg: TrainConfig, rank: int, world: int):
+        self.rows, self.cfg, self.rank, self.world = rows, cfg, rank, world
+        self.sampler = Sampler(len(rows), cfg.seed)
+
+    def steps_per_epoch(self) -> int:
+        per_step = self.cfg.batch_size * self.cfg.accumulation * self.world
+        if len(self.rows) < per_step:
+            raise ConfigError(
+                f"the data has {len(self.rows)} rows of {self.cfg.max_seq_len} tokens, fewer than one step "
+                f"needs ({per_step}); lower --batch-size/--accumulation or set --max-steps"
+            )
+        return len(self.rows) // per_step
+
+    def next_step(self) -> list[Batch]:
+        B = self.cfg.batch_size
+        out = []
+        for _ in range(self.cfg.accumulation):
+            rows = self.sampler.take(B * self.world)
+            out.append(self.rows.batch(rows[self.rank * B : (self.rank + 1) * B]))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -156,7 +200,10 @@ class Trainer:
         info: dict[str, Any],
         loss_fn: LossFn = lm_loss,
         checkpoint: RunCheckpoint | None = None,
+        source: Callable[[Trainer], BatchSource] | None = None,
     ):
+        """`source(trainer)` builds where batches come from, once the device is set up (default:
+        RowBatches over `rows`); the RL stages pass one that generates rollouts."""
         cfg.validate()
         self.cfg, self.tokenizer, self.rows, self.info, self.loss_fn = cfg, tokenizer, rows, info, loss_fn
         self.checkpoint = checkpoint or RunCheckpoint()
@@ -166,14 +213,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)  # master weights stay float32; autocast lowers the math
         self.model.grad_checkpointing = cfg.grad_checkpointing
-        self.sampler = Sampler(len(rows), cfg.seed)
-        per_step = cfg.batch_size * cfg.accumulation * self.world
-        self.total_steps = cfg.max_steps or cfg.epochs * (len(rows) // per_step)
-        if self.total_steps < 1:
-            raise ConfigError(
-                f"the data has {len(rows)} rows of {cfg.max_seq_len} tokens, fewer than one step "
-                f"needs ({per_step}); lower --batch-size/--accumulation or set --max-steps"
-            )
+        self.source = source(self) if source else RowBatches(rows, cfg, self.rank, self.world)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -192,17 +233,9 @@ class Trainer:
 
     # ---- one optimizer step --------------------------------------------------------------------
 
-    def _micro_batches(self) -> list[Batch]:
-        B = self.cfg.batch_size
-        out = []
-        for _ in range(self.cfg.accumulation):
-            rows = self.sampler.take(B * self.world)  # every process draws the global batch ...
-            out.append(self.rows.batch(rows[self.rank * B : (self.rank + 1) * B]))  # ... and keeps its slice
-        return out
-
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, int]:
         """(summed loss of this process, grad norm, loss units and tokens of the whole step)."""
-        micro = self._micro_batches()
+        micro = self.source.next_step()
         # What the loss sums are divided by (loss tokens, pairs, or token weights), and the tokens
         # throughput counts: both for the whole step, all processes.
         step = torch.tensor([sum(b.loss_units for b in micro), sum(b.num_tokens for b in micro)], dtype=torch.float64)
@@ -317,7 +350,9 @@ class Trainer:
             f"step {self.step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s"
         )
-        line += "".join(f" | {k} {record[k]:.4g}" for k in self.metric_sums)
+        source_metrics = self.source.log_metrics() if hasattr(self.source, "log_metrics") else {}
+        record.update({k: round(v, 6) for k, v in source_metrics.items()})
+        line += "".join(f" | {k} {record[k]:.4g}" for k in [*self.metric_sums, *source_metrics])
         peak = self._peak_flops()
         if peak:
             record["mfu"] = round(self.model.estimate_mfu(tokens_per_s, self.cfg.max_seq_len, peak * self.world), 4)
@@ -375,7 +410,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.source.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -402,7 +437,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         try:
-            self.sampler.load_state_dict(state["sampler"])
+            self.source.load_state_dict(state["sampler"])
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         torch.set_rng_state(state["torch_rng"])

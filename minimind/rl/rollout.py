@@ -1,0 +1,308 @@
+"""Rollouts: what every RL stage shares between sampling completions and the engine's optimizer steps.
+
+One rollout feeds `ppo_epochs` optimizer steps:
+
+    prompts (each process its slice of a seeded global draw, as the engine draws rows)
+    -> G completions per prompt from the shared sampling engine (batched, KV cache, positions from the
+       padding mask), sampled at temperature T from the *full* distribution: no top-k / top-p, so the
+       training side recomputes exactly the distribution that was sampled from (softmax(logits / T))
+    -> rewards (`--reward SPEC`) -> advantages (the stage's rule: group-relative, tracked baseline, ...)
+    -> micro-batches of right-padded prompt + completion rows; labels are the completion tokens up to
+       and including the first EOS; reference log-probs once (when beta > 0); the policy's own
+       log-probs once when ppo_epochs > 1 (with one epoch the loss uses the live ones, detached)
+    -> `ppo_epochs` optimizer steps over those micro-batches (the importance ratio is exactly 1 on the
+       first, and moves after it).
+
+Right padding needs no attention mask under causal attention, so the training forward is the plain
+one; rollout log-probs (left-padded, KV-cached) equal it to float tolerance (tested). The source's
+state (prompt sampler, unfinished rollout, the stage's own state such as SPO baselines) goes into
+train_state.pt, so `--resume` continues exactly, even between two epochs of one rollout.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from minimind.checkpoint import load_run
+from minimind.data.packing import IGNORE, Batch, Sampler
+from minimind.data.prompts import Prompt, encode_prompt, reply_prefix
+from minimind.errors import ConfigError
+from minimind.generate import SamplingParams, generate
+from minimind.losses import entropy_from_logits, policy_loss
+from minimind.rl.rewards import RewardFn, Rewards
+from minimind.tokenizer import Tokenizer
+
+
+@dataclass
+class RLOptions:
+    """What every RL stage takes beyond the engine's TrainConfig (recorded in run.json for --resume)."""
+
+    reward: str = ""
+    num_generations: int = 8  # G completions per prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    beta: float = 0.02  # weight of the k3 KL to the reference; 0: no reference model at all
+    clip: float = 0.2
+    clip_high: float = 0.0  # 0: same as clip
+    loss: str = "grpo"  # grpo | dr_grpo | cispo
+    ppo_epochs: int = 1  # optimizer steps per rollout
+    think: bool | None = None  # the generation prompt opens a <think> block (True), skips it (False)
+    eval_tokens: int = 0  # reply length of the held-out check (0: max_new_tokens)
+
+    def validate(self) -> None:
+        if not self.reward:
+            raise ConfigError("--reward SPEC is required (e.g. rule:math, rule:math+0.2*rule:format, rm:RUN_DIR)")
+        if self.num_generations < 1 or self.max_new_tokens < 1 or self.ppo_epochs < 1:
+            raise ConfigError("--num-generations, --max-new-tokens and --ppo-epochs must be at least 1")
+        if self.temperature <= 0:
+            raise ConfigError("--temperature must be > 0: RL samples (greedy replies would all be the same)")
+        if self.beta < 0 or self.clip <= 0 or self.clip_high < 0:
+            raise ConfigError("--beta must be >= 0 and --clip > 0")
+
+
+@dataclass
+class RolloutBatch(Batch):
+    """Right-padded prompt + completion rows; labels are completion tokens (IGNORE elsewhere)."""
+
+    advantages: torch.Tensor | None = None  # (B,) per completion, or (B, T) per token
+    old_logp: torch.Tensor | None = None  # (B, T) log-probs of the sampling policy, if ppo_epochs > 1
+    ref_logp: torch.Tensor | None = None  # (B, T) reference log-probs, if beta > 0
+    per_sequence: bool = True  # the loss averages per completion (grpo, dr_grpo) or per token
+
+    @property
+    def loss_units(self) -> float:
+        return self.input_ids.shape[0] if self.per_sequence else self.num_tokens
+
+    def tensors(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        return RolloutBatch(**{k: move(v) for k, v in self.tensors().items()})
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, T) log-prob of each label under softmax(logits / T), float32; 0 where the label is IGNORE."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    out = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return out.masked_fill(labels == IGNORE, 0.0)
+
+
+def completion_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(input_ids, labels) of prompt + completion rows, right-padded to a multiple of 8."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    T = -(-max(len(s) - 1 for s in seqs) // 8) * 8
+    inputs = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
+    for j, (p, s) in enumerate(zip(prompts, seqs)):
+        inputs[j, : len(s) - 1] = torch.tensor(s[:-1])
+        labels[j, len(p) - 1 : len(s) - 1] = torch.tensor(s[len(p) :])
+    return inputs, labels
+
+
+class PolicyLoss:
+    """The engine's loss for GRPO-style stages: `minimind.losses.policy_loss` on the completion tokens,
+    with clip fraction, ratio, approx-KL, KL to the reference and entropy logged per unit."""
+
+    def __init__(self, opts: RLOptions):
+        self.opts = opts
+
+    def __call__(self, model: nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        o = self.opts
+        out = model(batch.input_ids)
+        mask = batch.labels != IGNORE
+        logp = token_logps(out.logits, batch.labels, o.temperature)
+        old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        loss, units, stats = policy_loss(
+            logp, old, batch.advantages, mask, o.loss, o.clip, o.clip_high or None, batch.ref_logp, o.beta,
+            max_len=o.max_new_tokens,
+        )  # fmt: skip
+        with torch.no_grad():
+            stats["entropy"] = entropy_from_logits(out.logits.detach() / o.temperature, mask)
+        return loss, out.aux_loss, {k: v.detach() * units for k, v in stats.items()}
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def reference_model(policy: nn.Module, tok: Tokenizer, ref_dir: str | None) -> nn.Module:
+    """The frozen reference: a copy of the starting policy, or the run in ref_dir (same vocabulary)."""
+    if ref_dir is None:
+        ref = copy.deepcopy(policy)
+    else:
+        run = load_run(ref_dir)
+        if run.tokenizer.vocab_size != tok.vocab_size:
+            raise ConfigError(f"--ref {ref_dir}: its vocabulary differs from the policy's (same tokenizer needed)")
+        ref = run.model
+    return ref.eval().requires_grad_(False)
+
+
+# An advantage rule: (rewards (N,) of the rollout, prompt index of each completion (N,)) ->
+# (advantages (N,), metrics to log). GRPO: group-relative; SPO: a tracked per-prompt baseline.
+AdvantageFn = Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor, dict[str, float]]]
+
+
+class RolloutSource:
+    """The engine's batch source for RL: each optimizer step's micro-batches, from rollouts."""
+
+    def __init__(
+        self,
+        trainer: Any,
+        prompts: list[Prompt],
+        prompt_ids: list[list[int]],
+        reward: RewardFn,
+        opts: RLOptions,
+        advantages: AdvantageFn,
+        reference: nn.Module | None,
+        stage_state: Any = None,
+    ):
+        self.t, self.prompts, self.prompt_ids, self.reward, self.opts = trainer, prompts, prompt_ids, reward, opts
+        self.advantages, self.reference, self.stage_state = advantages, reference, stage_state
+        self.cfg = trainer.cfg
+        self.sampler = Sampler(len(prompts), self.cfg.seed)
+        self.pending: list[RolloutBatch] = []  # the current rollout's micro-batches
+        self.epochs_left = 0
+        self.prefix = reply_prefix(trainer.tokenizer, opts.think)
+        self._window: dict[str, list[float]] = {}
+        self._window_start = time.perf_counter()
+        if reference is not None:
+            reference.to(trainer.device)
+
+    # ---- the engine's side -----------------------------------------------------------------------
+
+    def prompts_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.accumulation
+
+    def steps_per_epoch(self) -> int:
+        per_rollout = self.prompts_per_step() * self.t.world
+        if len(self.prompts) < per_rollout:
+            raise ConfigError(
+                f"{len(self.prompts)} prompts, fewer than one rollout needs ({per_rollout}); "
+                "lower --batch-size/--accumulation or set --max-steps"
+            )
+        return len(self.prompts) // per_rollout * self.opts.ppo_epochs
+
+    def next_step(self) -> list[Batch]:
+        if self.epochs_left == 0:
+            self.pending = self.rollout()
+            self.epochs_left = self.opts.ppo_epochs
+        self.epochs_left -= 1
+        return list(self.pending)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "epochs_left": self.epochs_left,
+            "pending": [b.tensors() for b in self.pending] if self.epochs_left else [],
+            "stage": self.stage_state.state_dict() if self.stage_state is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.epochs_left = state["epochs_left"]
+        self.pending = [RolloutBatch(**b) for b in state["pending"]]
+        if self.stage_state is not None and state.get("stage") is not None:
+            self.stage_state.load_state_dict(state["stage"])
+
+    def log_metrics(self) -> dict[str, float]:
+        """Rollout means since the last log line: rewards, lengths, generation speed and time share."""
+        w, self._window = self._window, {}
+        now = time.perf_counter()
+        elapsed, self._window_start = now - self._window_start, now
+        out = {k: float(np.mean(v)) for k, v in w.items() if k not in ("gen_s", "gen_tokens")}
+        if w.get("gen_s"):
+            out["rollout_tok_s"] = sum(w["gen_tokens"]) / max(sum(w["gen_s"]), 1e-9)
+            out["gen_share"] = sum(w["gen_s"]) / max(elapsed, 1e-9)
+        return out
+
+    # ---- one rollout -----------------------------------------------------------------------------
+
+    def draw(self) -> np.ndarray:
+        """This process's prompt indices of the next global draw (the stage may reweight it: SPO)."""
+        n = self.prompts_per_step()
+        return self.sampler.take(n * self.t.world)[self.t.rank * n : (self.t.rank + 1) * n]
+
+    def rollout(self) -> list[RolloutBatch]:
+        t, o, tok = self.t, self.opts, self.t.tokenizer
+        G, B = o.num_generations, self.cfg.batch_size
+        index = self.draw()
+        each = np.repeat(index, G)  # prompt index of every completion
+        params = SamplingParams(
+            max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids
+        )
+        model = t.model
+        model.eval()
+        t0 = time.perf_counter()
+        completions: list[list[int]] = []
+        for start in range(0, len(each), B * G):  # one generate call per micro-batch
+            with autocast(t.device, t.dtype):
+                out = generate(model, [self.prompt_ids[i] for i in each[start : start + B * G]], params)
+            completions += [g.tokens for g in out.generations]
+        gen_s = time.perf_counter() - t0
+        model.train()
+        texts = [self.prefix + tok.decode(c, skip_special_tokens=True) for c in completions]
+        rewards: Rewards = self.reward([self.prompts[i] for i in index], texts)
+        adv, metrics = self.advantages(rewards.total, each)
+        finished = [bool(c) and c[-1] in tok.stop_ids for c in completions]
+        self._record(
+            {
+                "reward": float(rewards.total.mean()),
+                "reward_std": float(rewards.total.std()) if len(texts) > 1 else 0.0,
+                **{f"reward[{k}]": float(v.mean()) for k, v in rewards.parts.items() if len(rewards.parts) > 1},
+                "length": float(np.mean([len(c) for c in completions])),
+                "finished": float(np.mean(finished)),
+                **metrics,
+                "gen_s": gen_s,
+                "gen_tokens": float(sum(len(c) for c in completions)),
+            }
+        )
+        batches = []
+        for start in range(0, len(each), B * G):
+            stop = start + B * G
+            inputs, labels = completion_rows(
+                [self.prompt_ids[i] for i in each[start:stop]], completions[start:stop], tok.pad_id
+            )
+            batches.append(RolloutBatch(inputs, labels, None, adv[start:stop].clone(), per_sequence=o.loss != "cispo"))
+        with torch.no_grad():
+            for b in batches:
+                on = b.to(t.device)
+                with autocast(t.device, t.dtype):
+                    if self.reference is not None:
+                        b.ref_logp = token_logps(self.reference(on.input_ids).logits, on.labels, o.temperature).cpu()
+                    if o.ppo_epochs > 1:
+                        b.old_logp = token_logps(t.train_model(on.input_ids).logits, on.labels, o.temperature).cpu()
+        return batches
+
+    def _record(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self._window.setdefault(k, []).append(v)
+
+
+@torch.no_grad()
+def greedy_rewards(
+    model: nn.Module, tok: Tokenizer, prompts: list[Prompt], reward: RewardFn, opts: RLOptions, batch_size: int = 32
+) -> dict[str, float]:
+    """Held-out check: mean reward (and each term's mean) of greedy replies to `prompts`."""
+    was_training = model.training
+    model.eval()
+    ids = [encode_prompt(tok, p, opts.think) for p in prompts]
+    params = SamplingParams(
+        max_new_tokens=opts.eval_tokens or opts.max_new_tokens, temperature=0, stop_ids=tok.stop_ids
+    )
+    prefix = reply_prefix(tok, opts.think)
+    texts = []
+    for start in range(0, len(ids), batch_size):
+        out = generate(model, ids[start : start + batch_size], params)
+        texts += [prefix + tok.decode(g.tokens, skip_special_tokens=True) for g in out.generations]
+    model.train(was_training)
+    r = reward(prompts, texts)
+    return {"reward": float(r.total.mean()), **{k: float(v.mean()) for k, v in r.parts.items()}}

@@ -1,0 +1,145 @@
+"""GRPO mechanics: rollout log-probs are the training log-probs of the sampled distribution, masks end at
+the first EOS, the ratio is exactly 1 on a rollout's first step and moves (and clips) after it, exact
+resume in the middle of a rollout, and DDP trains the wrapped model (ranks stay identical)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minimind.cli import build_parser
+from minimind.data.packing import IGNORE
+from minimind.errors import ConfigError
+from minimind.generate import SamplingParams, generate
+from minimind.rl.rollout import completion_rows, token_logps
+from minimind.stages import grpo
+from tests.conftest import _run_cli, sharp_model
+
+
+def test_rollout_logprobs_are_the_training_logprobs_of_what_was_sampled():
+    """Left-padded, KV-cached, batched sampling at T = 0.7 records log-probs that equal (1e-4) a plain
+    forward of each prompt + completion alone, through softmax(logits / T); labels cover each completion
+    up to and including its first stop token, nothing after it."""
+    torch.manual_seed(0)
+    model = sharp_model()
+    prompts = [[5, 17, 3], [9, 2, 44, 81, 7, 30, 12], [100]]
+    stops = tuple(range(0, 512, 9))  # ~1 token in 9 ends a completion: most stop early, some run out
+    params = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=1.0, top_k=0, stop_ids=stops, seed=3)
+    gens = generate(model, [p for p in prompts for _ in range(4)], params).generations
+    each = [p for p in prompts for _ in range(4)]
+    assert {g.finish_reason for g in gens} == {"stop", "length"}
+    for g in gens:
+        body = g.tokens[:-1] if g.finish_reason == "stop" else g.tokens
+        assert not set(body) & set(stops)
+        assert (g.tokens[-1] in stops) == (g.finish_reason == "stop")
+    inputs, labels = completion_rows(each, [g.tokens for g in gens], pad_id=0)
+    with torch.no_grad():
+        batched = token_logps(model(inputs).logits, labels, 0.7)
+    for j, (p, g) in enumerate(zip(each, gens)):
+        n = len(g.tokens)
+        assert int((labels[j] != IGNORE).sum()) == n
+        assert labels[j, len(p) - 1 : len(p) - 1 + n].tolist() == g.tokens
+        alone = torch.tensor([p + g.tokens[:-1]])
+        with torch.no_grad():
+            logits = model(alone).logits[0, len(p) - 1 :]
+        single = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(g.tokens)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(g.logprobs), single, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched[j, len(p) - 1 : len(p) - 1 + n], single, atol=1e-4, rtol=1e-4)
+
+
+def rl_argv(pipeline, out, *extra) -> list[str]:
+    f = pipeline["files"]
+    argv = ["grpo", "--from", pipeline["sft"], "--data", f["rl"], "--reward", "rule:math", "--out", out]
+    argv += ["--batch-size", 4, "--num-generations", 4, "--max-new-tokens", 10, "--seed", 0, "--log-every", 1]
+    return [str(a) for a in [*argv, *extra]]
+
+
+def prepare(pipeline, out, *extra):
+    return grpo.prepare_rl(build_parser("grpo").parse_args(rl_argv(pipeline, out, *extra)), "grpo",
+                           grpo.RLOptions(), grpo.group_relative)  # fmt: skip
+
+
+def take_metrics(trainer) -> dict[str, float]:
+    sums, trainer.metric_sums = trainer.metric_sums, {}
+    return {k: float(v) for k, v in sums.items()}
+
+
+def test_ratio_is_one_on_the_first_step_then_moves_and_clips(pipeline, tmp_path):
+    # A reward that differs within groups (reply length), so that advantages are not all 0.
+    varied = ["--reward", "rule:length@min=13,think_min=0", "--temperature", 1.5]
+    trainer, _ = prepare(pipeline, tmp_path / "r", "--ppo-epochs", 3, "--lr", 3e-2, "--max-steps", 3, *varied)
+    _, _, units, _ = trainer.train_step()
+    first = take_metrics(trainer)
+    assert units == 16  # grpo averages per completion: 4 prompts x 4 completions
+    assert first["ratio"] == units and first["approx_kl"] == 0 and first["clip_frac"] == 0
+    trainer.train_step()
+    take_metrics(trainer)
+    trainer.train_step()  # the same rollout, a policy that has moved twice (lr 3e-2)
+    third = take_metrics(trainer)
+    assert abs(third["ratio"] / units - 1) > 1e-3 and third["approx_kl"] > 0
+    assert third["clip_frac"] > 0
+
+
+def test_grpo_resume_in_the_middle_of_a_rollout_is_bitwise_exact(pipeline, tmp_path):
+    """6 steps straight == 3 steps (a rollout half used: 2 epochs each), killed, `--resume` (CLI,
+    without the RL flags: restored from run.json): identical weights."""
+    extra = ["--ppo-epochs", 2, "--max-steps", 6, "--warmup-steps", 2, "--beta", 0.05, "--num-generations", 3]
+    _run_cli(*rl_argv(pipeline, tmp_path / "straight", *extra))
+    trainer, _ = prepare(pipeline, tmp_path / "split", *extra)
+    while trainer.step < 3:
+        trainer.train_step()
+    assert trainer.source.epochs_left == 1
+    trainer.save()  # the process dies here
+    common = ["--data", pipeline["files"]["rl"], "--seed", 0, "--log-every", 1]
+    log = _run_cli("grpo", "--out", tmp_path / "split", "--resume", *map(str, common))
+    assert "resuming at step 3" in log
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((tmp_path / "split" / "run.json").read_text())
+    assert info["stage"] == "grpo" and info["rl"]["num_generations"] == 3 and info["rl"]["reward"] == "rule:math"
+
+
+def test_bad_options_are_refused(pipeline, tmp_path):
+    with pytest.raises(ConfigError, match="--reward SPEC is required"):
+        argv = ["grpo", "--from", pipeline["sft"], "--data", pipeline["files"]["rl"], "--out", tmp_path / "a"]
+        args = build_parser("grpo").parse_args([str(a) for a in argv])
+        grpo.prepare_rl(args, "grpo", grpo.RLOptions(), grpo.group_relative)
+    with pytest.raises(ConfigError, match="at least 2 for GRPO"):
+        prepare(pipeline, tmp_path / "b", "--num-generations", 1)
+    with pytest.raises(ConfigError, match="--temperature must be > 0"):
+        prepare(pipeline, tmp_path / "c", "--temperature", 0)
+    with pytest.raises(ConfigError, match="--loss"):
+        prepare(pipeline, tmp_path / "d", "--loss", "ppo")
+    no_answer = tmp_path / "p.jsonl"
+    no_answer.write_text(json.dumps({"conversations": [{"role": "user", "content": "What is 1 + 1?"}]}) + "\n")
+    with pytest.raises(ConfigError, match=r"p.jsonl:1"):
+        prepare(pipeline, tmp_path / "e", "--data", no_answer)
+
+
+WORKER = Path(__file__).with_name("rl_ddp_worker.py")
+
+
+def test_ddp_trains_the_wrapped_model(pipeline, tmp_path):
+    """Two gloo processes sample different prompts; gradients are averaged through the DDP-wrapped
+    model, so both ranks end with the same weights, which moved from the start."""
+    argv = rl_argv(pipeline, tmp_path / "ddp", "--max-steps", 3, "--lr", 1e-3, "--batch-size", 2, "--device", "cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
+    proc = subprocess.run(
+        cmd + [str(tmp_path)] + argv, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["prompts"] != r1["prompts"]  # each rank rolled out its own prompts
+    start = load_file(str(pipeline["sft"] / "model.safetensors"))
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+    assert any(not torch.equal(r0["weights"][k], start[k]) for k in start)
