@@ -143,3 +143,31 @@ def test_ddp_trains_the_wrapped_model(pipeline, tmp_path):
     for k in r0["weights"]:
         assert torch.equal(r0["weights"][k], r1["weights"][k]), k
     assert any(not torch.equal(r0["weights"][k], start[k]) for k in start)
+
+
+def test_spo_resume_keeps_baselines_drift_and_prioritised_draws(pipeline, tmp_path):
+    """SPO (one sample per prompt, tracked baselines, prioritised sampling): 4 steps straight == 2 steps,
+    killed, `--resume` (without --prioritize: restored from the state): identical weights and tracker."""
+    from minimind.stages import spo
+
+    def argv(out, *extra):
+        f = pipeline["files"]
+        base = ["spo", "--from", pipeline["sft"], "--data", f["rl"], "--out", out, "--batch-size", 8, "--seed", 0]
+        base += ["--reward", "rule:math+rule:length@min=13,think_min=0", "--max-new-tokens", 10, "--max-steps", 4]
+        return [str(a) for a in [*base, *extra]]
+
+    _run_cli(*argv(tmp_path / "straight", "--prioritize"))
+    trainer, _ = spo.prepare(build_parser("spo").parse_args(argv(tmp_path / "split", "--prioritize")))
+    state = trainer.source.stage_state
+    while trainer.step < 2:
+        trainer.train_step()
+    assert state.rollouts == 2 and state.drift > 0 and len(state.tracker) > 0
+    trainer.save()  # the process dies here
+    _run_cli("spo", "--out", tmp_path / "split", "--resume", "--data", pipeline["files"]["rl"], "--seed", 0)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "straight" / "train_state.pt")["sampler"]["stage"]
+    sb = torch.load(tmp_path / "split" / "train_state.pt")["sampler"]["stage"]
+    assert sa["prioritize"] and sb["prioritize"] and sa["rollouts"] == sb["rollouts"] == 4
+    assert torch.equal(sa["tracker"]["alpha"], sb["tracker"]["alpha"]) and sa["drift"] == sb["drift"]

@@ -202,7 +202,7 @@ class RolloutSource:
         return {
             "sampler": self.sampler.state_dict(),
             "epochs_left": self.epochs_left,
-            "pending": [b.tensors() for b in self.pending] if self.epochs_left else [],
+            "pending": [b.tensors() for b in self.pending],  # SPO measures drift on the last rollout
             "stage": self.stage_state.state_dict() if self.stage_state is not None else None,
         }
 
@@ -227,13 +227,18 @@ class RolloutSource:
     # ---- one rollout -----------------------------------------------------------------------------
 
     def draw(self) -> np.ndarray:
-        """This process's prompt indices of the next global draw (the stage may reweight it: SPO)."""
+        """This process's prompt indices of the next global draw (the stage may draw its own: SPO)."""
+        drawn = self.stage_state.draw(self) if hasattr(self.stage_state, "draw") else None
+        if drawn is not None:
+            return drawn
         n = self.prompts_per_step()
         return self.sampler.take(n * self.t.world)[self.t.rank * n : (self.t.rank + 1) * n]
 
     def rollout(self) -> list[RolloutBatch]:
         t, o, tok = self.t, self.opts, self.t.tokenizer
         G, B = o.num_generations, self.cfg.batch_size
+        if hasattr(self.stage_state, "before_rollout"):
+            self.stage_state.before_rollout(self)
         index = self.draw()
         each = np.repeat(index, G)  # prompt index of every completion
         params = SamplingParams(
@@ -278,7 +283,7 @@ class RolloutSource:
                 with autocast(t.device, t.dtype):
                     if self.reference is not None:
                         b.ref_logp = token_logps(self.reference(on.input_ids).logits, on.labels, o.temperature).cpu()
-                    if o.ppo_epochs > 1:
+                    if o.ppo_epochs > 1 or getattr(self.stage_state, "needs_old_logp", False):
                         b.old_logp = token_logps(t.train_model(on.input_ids).logits, on.labels, o.temperature).cpu()
         return batches
 
