@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reward": ("minimind.stages.reward", "train a reward model (scalar head, Bradley-Terry) on preference pairs"),
     "reason": ("minimind.stages.reason", "reasoning distillation: SFT on <think>/<answer> traces, tags weighted"),
     "grpo": ("minimind.stages.grpo", "GRPO (or Dr.GRPO / CISPO): RL from rewards with groups of samples per prompt"),
+    "ppo": ("minimind.stages.ppo", "PPO: actor + critic, GAE, clipped policy and value losses, KL penalty"),
     "spo": ("minimind.stages.spo", "SPO: one sample per prompt against a tracked per-prompt baseline"),
     "chat": ("minimind.chat", "chat with a run (interactive, or one answer with --prompt)"),
     "eval": ("minimind.eval", "evaluate a run: ppl, mc (multiple choice), gsm8k, format"),

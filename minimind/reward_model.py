@@ -56,6 +56,20 @@ class RewardModel(MiniMind):
         return self.reward_head(last).squeeze(-1).float(), out.aux_loss
 
 
+class ValueOutput:
+    """A critic's forward: values (B, T) float32 and the MoE balance loss."""
+
+    def __init__(self, values: torch.Tensor, aux_loss: torch.Tensor):
+        self.values, self.aux_loss = values, aux_loss
+
+
+def token_values(model: RewardModel, input_ids: torch.Tensor) -> ValueOutput:
+    """The head at every position: V(s_t) for the prefix ending at each token (PPO's critic)."""
+    out = MiniMind.forward(model, input_ids, logits_to_keep=1, return_hidden=True)
+    assert out.hidden is not None
+    return ValueOutput(model.reward_head(out.hidden).squeeze(-1).float(), out.aux_loss)
+
+
 def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer]:
     """(reward model in eval mode on `device`, tokenizer) of a run written by `minimind reward`."""
     run_dir = Path(run_dir)

@@ -1,4 +1,4 @@
-"""Run under torch.distributed.run by tests/test_grpo.py: a few GRPO steps, then each rank saves the
+"""Run under torch.distributed.run by tests/test_rl.py: a few GRPO steps, then each rank saves the
 prompts it drew and its weights to OUT/rank{R}.pt (only rank 0 writes the run directory)."""
 
 import sys

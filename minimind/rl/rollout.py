@@ -76,6 +76,8 @@ class RolloutBatch(Batch):
     old_logp: torch.Tensor | None = None  # (B, T) log-probs of the sampling policy, if ppo_epochs > 1
     ref_logp: torch.Tensor | None = None  # (B, T) reference log-probs, if beta > 0
     per_sequence: bool = True  # the loss averages per completion (grpo, dr_grpo) or per token
+    old_values: torch.Tensor | None = None  # (B, T) critic values at rollout time (PPO)
+    returns: torch.Tensor | None = None  # (B, T) GAE returns (PPO)
 
     @property
     def loss_units(self) -> float:
@@ -130,6 +132,11 @@ class PolicyLoss:
         return loss, out.aux_loss, {k: v.detach() * units for k, v in stats.items()}
 
 
+def policy_of(model: nn.Module) -> nn.Module:
+    """The language model that samples (PPO trains an actor-critic pair; the actor samples)."""
+    return getattr(model, "actor", model)
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -170,7 +177,7 @@ class RolloutSource:
         self.cfg = trainer.cfg
         self.sampler = Sampler(len(prompts), self.cfg.seed)
         self.pending: list[RolloutBatch] = []  # the current rollout's micro-batches
-        self.epochs_left = 0
+        self.steps_left = 0  # optimizer steps still to take on them
         self.prefix = reply_prefix(trainer.tokenizer, opts.think)
         self._window: dict[str, list[float]] = {}
         self._window_start = time.perf_counter()
@@ -189,26 +196,40 @@ class RolloutSource:
                 f"{len(self.prompts)} prompts, fewer than one rollout needs ({per_rollout}); "
                 "lower --batch-size/--accumulation or set --max-steps"
             )
-        return len(self.prompts) // per_rollout * self.opts.ppo_epochs
+        if self.cfg.accumulation % self.minibatches:
+            raise ConfigError(f"--accumulation {self.cfg.accumulation} must be a multiple of --minibatches")
+        return len(self.prompts) // per_rollout * self.opts.ppo_epochs * self.minibatches
+
+    @property
+    def minibatches(self) -> int:
+        return getattr(self.opts, "minibatches", 1)
 
     def next_step(self) -> list[Batch]:
-        if self.epochs_left == 0:
+        """This process's micro-batches of the next optimizer step: one of `minibatches` slices of the
+        rollout, each used `ppo_epochs` times; a new rollout when they are used up (or when the stage
+        stops a rollout early, PPO on approx-KL)."""
+        per_rollout = self.opts.ppo_epochs * self.minibatches
+        if self.steps_left and hasattr(self.stage_state, "stop_early") and self.stage_state.stop_early(self):
+            self.steps_left = 0
+        if self.steps_left == 0:
             self.pending = self.rollout()
-            self.epochs_left = self.opts.ppo_epochs
-        self.epochs_left -= 1
-        return list(self.pending)
+            self.steps_left = per_rollout
+        k = (per_rollout - self.steps_left) % self.minibatches
+        self.steps_left -= 1
+        size = len(self.pending) // self.minibatches
+        return self.pending[k * size : (k + 1) * size]
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "sampler": self.sampler.state_dict(),
-            "epochs_left": self.epochs_left,
+            "steps_left": self.steps_left,
             "pending": [b.tensors() for b in self.pending],  # SPO measures drift on the last rollout
             "stage": self.stage_state.state_dict() if self.stage_state is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        self.epochs_left = state["epochs_left"]
+        self.steps_left = state["steps_left"]
         self.pending = [RolloutBatch(**b) for b in state["pending"]]
         if self.stage_state is not None and state.get("stage") is not None:
             self.stage_state.load_state_dict(state["stage"])
@@ -244,7 +265,7 @@ class RolloutSource:
         params = SamplingParams(
             max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids
         )
-        model = t.model
+        model = policy_of(t.model)
         model.eval()
         t0 = time.perf_counter()
         completions: list[list[int]] = []
@@ -276,7 +297,9 @@ class RolloutSource:
             inputs, labels = completion_rows(
                 [self.prompt_ids[i] for i in each[start:stop]], completions[start:stop], tok.pad_id
             )
-            batches.append(RolloutBatch(inputs, labels, None, adv[start:stop].clone(), per_sequence=o.loss != "cispo"))
+            batches.append(
+                RolloutBatch(inputs, labels, None, adv[start:stop].clone(), per_sequence=o.loss in ("grpo", "dr_grpo"))
+            )
         with torch.no_grad():
             for b in batches:
                 on = b.to(t.device)
@@ -285,6 +308,8 @@ class RolloutSource:
                         b.ref_logp = token_logps(self.reference(on.input_ids).logits, on.labels, o.temperature).cpu()
                     if o.ppo_epochs > 1 or getattr(self.stage_state, "needs_old_logp", False):
                         b.old_logp = token_logps(t.train_model(on.input_ids).logits, on.labels, o.temperature).cpu()
+        if hasattr(self.stage_state, "finish"):  # PPO: values, token rewards, GAE
+            self._record(self.stage_state.finish(self, batches, rewards.total))
         return batches
 
     def _record(self, values: dict[str, float]) -> None:

@@ -28,7 +28,7 @@ from minimind.engine import Trainer
 from minimind.errors import ConfigError, DataError
 from minimind.losses import group_advantages, zero_signal_groups
 from minimind.rl.rewards import parse_reward
-from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutSource, greedy_rewards, reference_model
+from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutSource, greedy_rewards, policy_of, reference_model
 from minimind.stages.common import add_stage_arguments, fit_and_report, stage_options, start_from
 from minimind.stages.sft import stage_defaults
 
@@ -78,20 +78,29 @@ def rl_options(args: Any, run_info: dict, resume: bool, defaults: RLOptions) -> 
     """Defaults < (with --resume) the options the run was started with < flags."""
     values = {**vars(defaults), **(run_info.get("rl", {}) if resume else {})}
     values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
-    opts = RLOptions(**values)
+    opts = type(defaults)(**values)
     opts.validate()
     return opts
 
 
-def prepare_rl(args: Any, stage: str, defaults: RLOptions, advantages: Any, stage_state: Any = None):
-    """The engine set up for an RL stage: options, prompts, reward, reference, rollout source."""
+def policy_setup(run: Any, opts: RLOptions, cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """(model to train, loss, checkpoint) of the GRPO family: the policy alone, PolicyLoss, a run."""
+    if opts.loss not in ("grpo", "dr_grpo", "cispo"):
+        raise ConfigError(f"--loss {opts.loss!r}: one of grpo, dr_grpo, cispo")
+    return run.model, PolicyLoss(opts), None
+
+
+def prepare_rl(
+    args: Any, stage: str, defaults: RLOptions, advantages: Any, stage_state: Any = None, setup: Any = policy_setup
+):
+    """The engine set up for an RL stage: options, prompts, reward, reference, rollout source.
+    `setup(run, opts, cfg)` gives the model to train, its loss and checkpoint (PPO: actor + critic)."""
     cfg: TrainConfig = stage_options(
         args, lambda given: {**RL_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, RL_LR, DEFAULT_LR)}
     )
     run = start_from(cfg, args.parent)
     opts = rl_options(args, run.info, cfg.resume, defaults)
-    if opts.loss not in ("grpo", "dr_grpo", "cispo"):
-        raise ConfigError(f"--loss {opts.loss!r}: one of grpo, dr_grpo, cispo")
+    model, loss, checkpoint = setup(run, opts, cfg)
     tok = run.tokenizer
     prompts = read_prompts(args.data, cfg.skip_bad_lines)
     reward = parse_reward(opts.reward)
@@ -117,15 +126,16 @@ def prepare_rl(args: Any, stage: str, defaults: RLOptions, advantages: Any, stag
         "seed": cfg.seed,
         "rl": vars(opts),
     }
-    reference = reference_model(run.model, tok, ref_dir) if opts.beta > 0 else None
+    uses_reference = opts.beta > 0 or getattr(opts, "kl", 0) > 0
+    reference = reference_model(run.model, tok, ref_dir) if uses_reference else None
     source = lambda t: RolloutSource(t, prompts, ids, reward, opts, advantages(opts), reference, stage_state)
-    trainer = Trainer(cfg, run.model.train(), tok, prompts, info, PolicyLoss(opts), source=source)  # type: ignore[arg-type]
+    trainer = Trainer(cfg, model.train(), tok, prompts, info, loss, checkpoint, source=source)  # type: ignore[arg-type]
     check = None
     if held is not None:
         reward.check(held)
 
         def check() -> str:
-            m = greedy_rewards(trainer.model, tok, held, reward, opts)
+            m = greedy_rewards(policy_of(trainer.model), tok, held, reward, opts)
             parts = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "reward")
             return f"mean reward of greedy replies {m['reward']:.3f} ({parts}) on {len(held)} prompts"
 

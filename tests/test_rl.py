@@ -1,4 +1,4 @@
-"""GRPO mechanics: rollout log-probs are the training log-probs of the sampled distribution, masks end at
+"""RL stages (GRPO, SPO, PPO) mechanics: rollout log-probs are the training log-probs of the sampled
 the first EOS, the ratio is exactly 1 on a rollout's first step and moves (and clips) after it, exact
 resume in the middle of a rollout, and DDP trains the wrapped model (ranks stay identical)."""
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -95,7 +96,7 @@ def test_grpo_resume_in_the_middle_of_a_rollout_is_bitwise_exact(pipeline, tmp_p
     trainer, _ = prepare(pipeline, tmp_path / "split", *extra)
     while trainer.step < 3:
         trainer.train_step()
-    assert trainer.source.epochs_left == 1
+    assert trainer.source.steps_left == 1
     trainer.save()  # the process dies here
     common = ["--data", pipeline["files"]["rl"], "--seed", 0, "--log-every", 1]
     log = _run_cli("grpo", "--out", tmp_path / "split", "--resume", *map(str, common))
@@ -171,3 +172,56 @@ def test_spo_resume_keeps_baselines_drift_and_prioritised_draws(pipeline, tmp_pa
     sb = torch.load(tmp_path / "split" / "train_state.pt")["sampler"]["stage"]
     assert sa["prioritize"] and sb["prioritize"] and sa["rollouts"] == sb["rollouts"] == 4
     assert torch.equal(sa["tracker"]["alpha"], sb["tracker"]["alpha"]) and sa["drift"] == sb["drift"]
+
+
+def ppo_argv(pipeline, out, *extra) -> list[str]:
+    f = pipeline["files"]
+    argv = ["ppo", "--from", pipeline["sft"], "--data", f["rl"], "--out", out, "--batch-size", 4, "--seed", 0]
+    argv += ["--reward", "rule:math+rule:length@min=13,think_min=0", "--max-new-tokens", 10, "--log-every", 1]
+    return [str(a) for a in [*argv, *extra]]
+
+
+def ppo_prepare(pipeline, out, *extra):
+    from minimind.stages import ppo
+
+    return ppo.prepare(build_parser("ppo").parse_args(ppo_argv(pipeline, out, *extra)))
+
+
+def test_ppo_puts_the_score_at_each_completions_last_token(pipeline, tmp_path):
+    """With no KL penalty, gamma = lambda = 1, every token's GAE return is the completion's score: the
+    score sits at the last real token of each row whatever the prompt and completion lengths."""
+    trainer, _ = ppo_prepare(pipeline, tmp_path / "p", "--kl", 0, "--gamma", 1, "--lam", 1, "--accumulation", 2)
+    source = trainer.source
+    batches = source.rollout()
+    texts_scores = []
+    for b in batches:
+        mask = b.labels != IGNORE
+        assert mask.any(-1).all() and b.returns is not None and b.old_values is not None
+        for j in range(b.input_ids.shape[0]):
+            r = b.returns[j][mask[j]]
+            assert torch.allclose(r, r[-1].expand_as(r), atol=1e-5)  # the same return at every token
+            texts_scores.append(float(r[-1]))
+    flat = torch.cat([b.advantages[b.labels != IGNORE] for b in batches])
+    assert abs(float(flat.mean())) < 1e-5 and abs(float(flat.std()) - 1) < 1e-3  # whitened over the rollout
+    # The scores are the reward of each completion: recompute them from the decoded texts.
+    assert len(texts_scores) == 8 and set(np.round(texts_scores, 4)) <= {0.0, -0.5, 1.0, 0.5}
+
+
+def test_ppo_resume_keeps_actor_critic_and_minibatch_position(pipeline, tmp_path):
+    """6 steps (2 minibatches x 2 epochs per rollout) straight == 3 steps, killed, --resume: the actor and
+    the critic (RUN/critic) identical; --target-kl cuts rollouts short the same way in both."""
+    extra = ["--accumulation", 2, "--minibatches", 2, "--ppo-epochs", 2, "--max-steps", 6, "--target-kl", 1e-4]
+    _run_cli(*ppo_argv(pipeline, tmp_path / "straight", *extra))
+    trainer, _ = ppo_prepare(pipeline, tmp_path / "split", *extra)
+    while trainer.step < 3:
+        trainer.train_step()
+    trainer.save()  # the process dies here
+    _run_cli("ppo", "--out", tmp_path / "split", "--resume", "--data", pipeline["files"]["rl"], "--seed", 0)
+    for sub in ("", "critic"):
+        a = load_file(str(tmp_path / "straight" / sub / "model.safetensors"))
+        b = load_file(str(tmp_path / "split" / sub / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert "reward_head.weight" in load_file(str(tmp_path / "split" / "critic" / "model.safetensors"))
+    sa = torch.load(tmp_path / "straight" / "train_state.pt")["sampler"]
+    sb = torch.load(tmp_path / "split" / "train_state.pt")["sampler"]
+    assert sa["stage"]["stopped"] == sb["stage"]["stopped"] > 0 and sa["sampler"] == sb["sampler"]

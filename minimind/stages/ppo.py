@@ -1,0 +1,230 @@
+"""PPO (Schulman et al. 2017) with a learned critic, as RLHF uses it (Ziegler et al. 2019).
+
+data, reward: as GRPO (minimind/stages/grpo.py); one completion per prompt by default
+models:  actor (--from); critic, a value head on our model (--critic RUN_DIR from `minimind reward`,
+         else the actor's weights with a fresh head); frozen reference for the KL penalty (--kl > 0)
+rollout: sample and score (minimind/rl/rollout.py), then per token
+             r_t = -kl (log pi_old(y_t) - log pi_ref(y_t)) + [t = last real token] score
+             V_t = critic(prefix through t)      GAE(gamma, lambda) -> A_t, R_t = A_t + V_t
+         advantages whitened over the whole rollout's tokens
+loss:    clipped policy loss, token mean (`policy_loss(kind="ppo")`) + vf_coef x clipped value loss
+             L_V = 0.5 max((V - R)^2, (V_old + clip(V - V_old, +-value_clip) - R)^2)
+         --minibatches slices x --ppo-epochs optimizer steps per rollout; the rest of a rollout is
+         skipped once a step's approx-KL exceeds 1.5 x --target-kl (all processes agree)
+saved:   the actor as the run directory; the critic as RUN/critic/ (a reward-model run, reusable as
+         --critic or `--reward rm:RUN/critic`); both resume exactly
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from minimind.checkpoint import WEIGHTS, load_config, load_weights, save_run
+from minimind.config import TrainConfig
+from minimind.data.packing import IGNORE
+from minimind.engine import RunCheckpoint
+from minimind.errors import ConfigError
+from minimind.losses import gae, policy_loss, token_rewards, value_loss, whiten
+from minimind.reward_model import RewardModel, load_reward_model, token_values
+from minimind.rl.rollout import RLOptions, RolloutBatch, RolloutSource, autocast, token_logps
+from minimind.stages.common import fit_and_report
+from minimind.stages.grpo import FLAGS, add_rl_arguments, prepare_rl
+
+CRITIC = "critic"
+
+
+@dataclass
+class PPOOptions(RLOptions):
+    num_generations: int = 1
+    loss: str = "ppo"
+    beta: float = 0.0  # PPO puts the KL into the reward (--kl), not into the loss
+    critic: str = ""
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: float = 0.2
+    kl: float = 0.02
+    vf_coef: float = 0.5
+    minibatches: int = 1
+    target_kl: float = 0.0  # 0: never stop a rollout early
+
+
+PPO_FLAGS = {
+    **{k: v for k, v in FLAGS.items() if k not in ("loss", "beta")},
+    "critic": "critic to start from: a `minimind reward` run (default: the actor with a fresh value head)",
+    "gamma": "discount of GAE",
+    "lam": "lambda of GAE",
+    "value_clip": "clip of the value loss",
+    "kl": "per-token KL penalty to the reference, in the reward",
+    "vf_coef": "weight of the value loss",
+    "minibatches": "optimizer steps per pass over a rollout (divides --accumulation)",
+    "target_kl": "skip the rest of a rollout once a step's approx-KL exceeds 1.5x this (0: off)",
+}
+
+
+class ActorCritic(nn.Module):
+    """The two trained models as one module: one optimizer, one DDP wrapper, one forward."""
+
+    def __init__(self, actor: nn.Module, critic: RewardModel):
+        super().__init__()
+        self.actor, self.critic = actor, critic
+
+    @property
+    def cfg(self) -> Any:
+        return self.actor.cfg
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.actor.grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool) -> None:
+        self.actor.grad_checkpointing = self.critic.grad_checkpointing = on
+
+    def num_params(self) -> int:
+        return self.actor.num_params() + self.critic.num_params()
+
+    def estimate_mfu(self, *args: Any) -> float:
+        return self.actor.estimate_mfu(*args)
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.actor(input_ids)
+        v = token_values(self.critic, input_ids)
+        out.values, out.aux_loss = v.values, out.aux_loss + v.aux_loss
+        return out
+
+
+class PPOLoss:
+    """policy_loss(kind="ppo") + vf_coef * value_loss, both token sums (the engine divides by tokens)."""
+
+    def __init__(self, opts: PPOOptions):
+        self.opts = opts
+        self.last_kl = torch.zeros(())  # approx-KL of the latest micro-batch: early stopping reads it
+
+    def __call__(self, model: nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        o = self.opts
+        out = model(batch.input_ids)
+        mask = batch.labels != IGNORE
+        logp = token_logps(out.logits, batch.labels, o.temperature)
+        old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        pg, units, stats = policy_loss(logp, old, batch.advantages, mask, "ppo", o.clip, o.clip_high or None)
+        vl, vf_clip = value_loss(out.values, batch.old_values, batch.returns, mask, o.value_clip)
+        self.last_kl = stats["approx_kl"].detach()
+        stats.update(value_loss=vl.detach() / max(units, 1), vf_clip=vf_clip)
+        return pg + o.vf_coef * vl, out.aux_loss, {k: v.detach() * units for k, v in stats.items()}
+
+
+class PPOState:
+    """What the rollout source asks of PPO: values, token rewards and GAE after sampling; early stop."""
+
+    needs_old_logp = True  # the KL penalty reads the sampling policy's log-probs
+
+    def __init__(self) -> None:
+        self.loss: PPOLoss | None = None
+        self.stopped = 0  # rollouts cut short by --target-kl
+
+    @torch.no_grad()
+    def finish(self, source: RolloutSource, batches: list[RolloutBatch], scores: torch.Tensor) -> dict[str, float]:
+        t, o = source.t, source.opts
+        critic = t.model.critic
+        advs, masks, start, kl_pen, values = [], [], 0, [], []
+        for b in batches:
+            n = b.input_ids.shape[0]
+            on = b.to(t.device)
+            mask = on.labels != IGNORE
+            with autocast(t.device, t.dtype):
+                v = token_values(critic, on.input_ids).values.float() * mask
+            ref = on.ref_logp if on.ref_logp is not None else on.old_logp
+            r = token_rewards(scores[start : start + n].to(t.device), on.old_logp, ref, mask, o.kl)
+            a, ret = gae(r, v, mask, o.gamma, o.lam)
+            b.old_values, b.returns = v.cpu(), ret.cpu()
+            advs.append(a.cpu())
+            masks.append(mask.cpu())
+            kl_pen.append(float(((on.old_logp - ref) * mask).sum() / mask.sum().clamp(min=1)))
+            values.append(float(v.sum() / mask.sum().clamp(min=1)))
+            start += n
+        # Whiten over every token of the rollout (not per micro-batch).
+        flat = torch.cat([a[m] for a, m in zip(advs, masks)])
+        white = whiten(flat[None], torch.ones_like(flat)[None])[0]
+        at = 0
+        for b, a, m in zip(batches, advs, masks):
+            k = int(m.sum())
+            b.advantages = torch.zeros_like(a).masked_scatter(m, white[at : at + k])
+            at += k
+        return {"kl_to_ref": float(np.mean(kl_pen)), "value": float(np.mean(values))}
+
+    def stop_early(self, source: RolloutSource) -> bool:
+        o = source.opts
+        if not o.target_kl or self.loss is None:
+            return False
+        kl = self.loss.last_kl.detach().float().reshape(1).to(source.t.device)
+        if source.t.world > 1:
+            dist.all_reduce(kl)
+            kl /= source.t.world
+        stop = float(kl) > 1.5 * o.target_kl
+        self.stopped += stop
+        return stop
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_kl": float(self.loss.last_kl) if self.loss else 0.0, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.loss is not None:
+            self.loss.last_kl = torch.tensor(state["last_kl"])
+        self.stopped = state["stopped"]
+
+
+class PPOCheckpoint(RunCheckpoint):
+    """The actor as the run directory, the critic beside it in RUN/critic/ (same step metadata)."""
+
+    def save(self, trainer: Any, info: dict[str, Any], metadata: dict[str, str]) -> None:
+        critic_info = {"stage": "reward", "role": "PPO critic", "parent": info.get("parent"), "step": info["step"]}
+        save_run(trainer.out / CRITIC, trainer.model.critic, trainer.tokenizer, critic_info, weights_metadata=metadata)
+        save_run(trainer.out, trainer.model.actor, trainer.tokenizer, info, weights_metadata=metadata)
+
+    def load(self, trainer: Any) -> None:
+        load_weights(trainer.model.actor, trainer.out / WEIGHTS)
+        load_weights(trainer.model.critic, trainer.out / CRITIC / WEIGHTS)
+
+
+def make_critic(actor: nn.Module, opts: PPOOptions, cfg: TrainConfig) -> RewardModel:
+    if cfg.resume:  # the critic saved beside the run (its weights are loaded with the rest)
+        return RewardModel(load_config(f"{cfg.out}/{CRITIC}"))
+    if opts.critic:
+        critic, tok = load_reward_model(opts.critic)
+        if critic.cfg.vocab_size != actor.cfg.vocab_size:
+            raise ConfigError(f"--critic {opts.critic}: its vocabulary differs from the actor's")
+        return critic.train()
+    with torch.random.fork_rng():  # the fresh head depends on --seed only, not on what ran before
+        torch.manual_seed(cfg.seed)
+        return RewardModel.from_backbone(copy.deepcopy(actor))
+
+
+def add_arguments(p: Any) -> None:
+    add_rl_arguments(p, 'prompts .jsonl: {"conversations": [...], "answer": ...}', PPOOptions(), PPO_FLAGS)
+
+
+def prepare(args: Any):
+    state = PPOState()
+
+    def setup(run: Any, opts: PPOOptions, cfg: TrainConfig) -> tuple[Any, Any, Any]:
+        if opts.loss != "ppo":
+            raise ConfigError("PPO trains with its clipped loss (--loss ppo)")
+        if opts.minibatches < 1 or opts.gamma < 0 or not 0 <= opts.lam <= 1 or opts.kl < 0:
+            raise ConfigError("need --minibatches >= 1, --gamma >= 0, 0 <= --lam <= 1, --kl >= 0")
+        state.loss = PPOLoss(opts)
+        return ActorCritic(run.model, make_critic(run.model, opts, cfg)), state.loss, PPOCheckpoint()
+
+    no_advantage = lambda opts: lambda rewards, each: (torch.zeros_like(rewards), {})  # GAE sets them
+    return prepare_rl(args, "ppo", PPOOptions(), no_advantage, state, setup)
+
+
+def main(args: Any) -> None:
+    trainer, check = prepare(args)
+    fit_and_report(trainer, check)
