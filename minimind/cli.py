@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lora": ("minimind.stages.lora", "train a LoRA adapter (`minimind lora merge` folds one into the weights)"),
     "dpo": ("minimind.stages.dpo", "direct preference optimisation on chosen/rejected pairs"),
     "reward": ("minimind.stages.reward", "train a reward model (scalar head, Bradley-Terry) on preference pairs"),
+    "distill": ("minimind.stages.distill", "knowledge distillation from a teacher run (or hf:DIR)"),
     "reason": ("minimind.stages.reason", "reasoning distillation: SFT on <think>/<answer> traces, tags weighted"),
     "grpo": ("minimind.stages.grpo", "GRPO (or Dr.GRPO / CISPO): RL from rewards with groups of samples per prompt"),
     "ppo": ("minimind.stages.ppo", "PPO: actor + critic, GAE, clipped policy and value losses, KL penalty"),

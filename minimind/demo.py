@@ -29,6 +29,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--lora-steps", type=int, default=80)
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--reason-steps", type=int, default=60)
+    p.add_argument("--distill-steps", type=int, default=80)
 
 
 def first_question(conversation: list[dict]) -> tuple[list[dict], str]:
@@ -149,6 +150,7 @@ def main(args: Any) -> None:
 
     post_training(out, files, args)
     preference_and_reasoning(out, files, args)
+    distillation(out, files, args)
 
     section("done")
     print(f"finished in {time.perf_counter() - t0:.0f} s. Every step above is one command; see README.md.")
@@ -259,3 +261,28 @@ def preference_and_reasoning(out: Path, files: dict[str, Path], args: Any) -> No
         r = evaluate(run, "gsm8k", files["math_heldout"], limit=100, max_new_tokens=96)
         print(f"   {name:>6}: held-out sums answered right {r['metrics']['accuracy']:.0%}")
     cli("chat", out / "reason", "--prompt", "What is 27 + 35?", "--temperature", 0)
+
+
+def distillation(out: Path, files: dict[str, Path], args: Any) -> None:
+    """A 6x smaller student on 100 documents, taught by the pretrained model vs by the data alone."""
+    from minimind.data.packing import PackedRows
+    from minimind.data.tokens import tokenize_files
+    from minimind.engine import evaluate_loss
+    from minimind.stages.distill import describe, evaluate_kd, load_teacher
+
+    section("12. knowledge distillation: a 6x smaller student on 100 documents, teacher vs data alone")
+    few = out / "data" / "pretrain_100.jsonl"
+    lines = files["pretrain"].read_text(encoding="utf-8").splitlines(keepends=True)[:100]
+    few.write_text("".join(lines), encoding="utf-8")
+    teacher, tok = load_teacher(str(out / "pretrain"))
+    held = tokenize_files([files["pretrain_heldout"]], tok, out / "cache")
+    rows = PackedRows(held.tokens, held.offsets, 128)
+    print(f"   teacher ({teacher.num_params() / 1e6:.2f}M): held-out CE {evaluate_loss(teacher, rows):.3f} nats/token")
+    for name, alpha in (("distilled", 0), ("data-only", 1)):
+        shutil.rmtree(out / f"student-{name}", ignore_errors=True)
+        cli("distill", "--teacher", out / "pretrain", "--preset", "tiny", "--hidden-size", 64, "--num-layers", 2,
+            "--data", few, "--out", out / f"student-{name}", "--alpha", alpha, "--temperature", 1, "--lr", 3e-3,
+            "--max-steps", args.distill_steps, "--accumulation", 1, *common_flags(out, args))  # fmt: skip
+        student = load_run(out / f"student-{name}").model
+        measured = describe(evaluate_kd(student, teacher, rows))
+        print(f"   {name} ({student.num_params() / 1e6:.2f}M): held-out {measured}")

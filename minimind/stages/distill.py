@@ -1,0 +1,362 @@
+"""Knowledge distillation (Hinton et al. 2015): the student learns the teacher's whole next-token
+distribution at every trained token, not only the one token the data holds.
+
+data:    conversations {"conversations": [...]} (assistant tokens trained, rows as in `minimind sft`) or
+         text {"text": ...} / .txt (every token, rows as in `minimind pretrain`); told apart by each
+         file's first record, or --format
+models:  the student: --from RUN_DIR, or a fresh --preset on the teacher's tokenizer; the teacher: a
+         run directory or hf:DIR (a transformers causal LM folder with its tokenizer.json), frozen,
+         in eval mode, no grad, under the engine's autocast. Both must share one tokenizer.
+loss:    summed over trained tokens, with p^T = softmax(logits / T):
+             L = alpha * CE(student, data) + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T)
+         --kd reverse: KL(p_student^T || p_teacher^T) (mode-seeking). T^2 keeps the KL's gradient on
+         CE's scale as T grows. The engine divides by the trained tokens of the step.
+metrics: ce and kl (the T^2-scaled term) per trained token; on --eval-data, the student's KL to the
+         teacher at T = 1 and its CE, before and after.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from minimind.checkpoint import Run, load_run
+from minimind.config import (
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+    add_dataclass_args,
+    dataclass_overrides,
+    merge_options,
+    preset_of,
+)
+from minimind.config import preset as make_preset
+from minimind.data.packing import IGNORE, Batch, PackedRows, Rows
+from minimind.data.readers import iter_jsonl
+from minimind.data.tokens import tokenize_files
+from minimind.engine import Trainer
+from minimind.errors import CheckpointError, ConfigError, DataError
+from minimind.losses import kd_kl_sum, token_cross_entropy_sum
+from minimind.model import MiniMind, positions_from
+from minimind.stages.common import add_stage_arguments, fit_and_report, run_info, stage_options, start_from
+from minimind.stages.dpo import autocast
+from minimind.stages.sft import DEFAULT_LR as SFT_DEFAULT_LR
+from minimind.stages.sft import (
+    SFT_DEFAULTS,
+    SFT_LR,
+    add_conversation_arguments,
+    conversation_rows,
+    print_masks,
+    stage_defaults,
+)
+from minimind.tokenizer import Tokenizer
+
+HF = "hf:"
+# Options of the distillation loss; recorded in run.json so that --resume continues with the same ones.
+OPTIONS = {"teacher": None, "alpha": 0.5, "temperature": 1.5, "kd": "forward", "format": "auto"}
+MODEL_SKIP = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings")
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--preset", choices=list(PRESETS), help="a fresh student of this shape (instead of --from)")
+    add_stage_arguments(p, '.jsonl of {"conversations": [...]} or {"text": ...}, or .txt (one document per line)')
+    add_conversation_arguments(p)
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", metavar="RUN_DIR|hf:DIR", help="the teacher: a run, or a transformers model folder")
+    g.add_argument("--alpha", type=float, metavar="FLOAT", help="weight of the data's CE; 1 - alpha on KL (0.5)")
+    g.add_argument("--temperature", type=float, metavar="T", help="softens both distributions (default 1.5)")
+    g.add_argument("--kd", choices=["forward", "reverse"], help="KL(teacher||student) (default) or the reverse")
+    g.add_argument("--format", choices=["auto", "sft", "text"], help="data kind (default: judged by the files)")
+    add_dataclass_args(p, ModelConfig, skip=MODEL_SKIP, title="student model overrides (with --preset)")
+
+
+def check_options(alpha: float, temperature: float, kd: str) -> None:
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"--alpha must be between 0 and 1 (the weight of CE against KL), not {alpha}")
+    if not temperature > 0:
+        raise ConfigError(f"--temperature must be positive, not {temperature}")
+    if kd not in ("forward", "reverse"):
+        raise ConfigError(f"--kd must be forward or reverse, not {kd!r}")
+
+
+# ---- the teacher ------------------------------------------------------------------------------
+
+
+class HFTeacher(nn.Module):
+    """A transformers causal LM behind MiniMind's call: `teacher(input_ids, segment_ids=...).logits`.
+
+    Packed rows: positions restart at each document, and transformers (>= 4.56, masking_utils)
+    reads restarting position ids as packed sequences and keeps attention inside each, as our
+    segment ids do. `vocab_size` counts its logits, which may be padded past the tokenizer's ids.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.hf = model
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    def forward(self, input_ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None) -> Any:
+        positions = positions_from(input_ids.shape[1], 0, None, segment_ids, input_ids.device)
+        if segment_ids is not None:
+            positions = positions.expand_as(input_ids)
+        return self.hf(input_ids=input_ids, position_ids=positions, use_cache=False)
+
+
+def load_hf_teacher(path: Path) -> tuple[HFTeacher, Tokenizer]:
+    where = f"--teacher {HF}{path}"
+    try:
+        from transformers import AutoModelForCausalLM, masking_utils
+    except ImportError:
+        raise ConfigError(f"{where}: needs `pip install transformers`") from None
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        raise ConfigError(f"{where}: needs transformers >= 4.56 (packed rows keep attention per document)")
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"{where}: no tokenizer.json (the student is built on the teacher's tokenizer)")
+    try:
+        tok = Tokenizer.load(path)
+    except ConfigError as e:  # e.g. no <|im_start|>/<|im_end|>: the rows are built with ChatML control tokens
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: not a transformers causal LM folder ({reason})") from None
+    return HFTeacher(model), tok
+
+
+def load_teacher(spec: str) -> tuple[nn.Module, Tokenizer]:
+    """The frozen teacher (CPU, float32, eval mode, requires_grad False) and its tokenizer, from a run
+    directory or hf:DIR. Either is called as `teacher(input_ids, segment_ids=...).logits`."""
+    path = Path(spec[len(HF) :] if spec.startswith(HF) else spec)
+    if not path.is_dir():
+        raise ConfigError(f"--teacher {spec}: no such directory")
+    if spec.startswith(HF):
+        model, tok = load_hf_teacher(path)
+    else:
+        try:
+            run = load_run(path)
+        except CheckpointError as e:
+            if "not a MiniMind config" in str(e):
+                hint = f"not a MiniMind run; a transformers folder is --teacher hf:{spec}"
+                raise ConfigError(f"--teacher {spec}: {hint}") from None
+            raise
+        model, tok = run.model, run.tokenizer
+    return model.eval().requires_grad_(False), tok
+
+
+def teacher_vocab(teacher: nn.Module) -> int:
+    return teacher.cfg.vocab_size if isinstance(teacher, MiniMind) else teacher.vocab_size
+
+
+def check_vocabulary(spec: str, teacher: nn.Module, teacher_tok: Tokenizer, student: Run) -> None:
+    """One tokenizer for both (KL compares distributions id by id). A run teacher has exactly the
+    student's logits; an hf: teacher may have more (padding past the tokenizer), which are dropped."""
+    ours, theirs = student.tokenizer.backend.get_vocab(True), teacher_tok.backend.get_vocab(True)
+    if ours != theirs:
+        raise ConfigError(
+            f"--teacher {spec}: its tokenizer ({len(theirs)} ids) differs from the student's ({len(ours)} ids); "
+            "distillation needs one tokenizer (start the student with --preset to use the teacher's)"
+        )
+    n_teacher, n_student = teacher_vocab(teacher), student.cfg.vocab_size
+    if n_teacher < n_student or (n_teacher != n_student and not spec.startswith(HF)):
+        raise ConfigError(
+            f"--teacher {spec}: its vocabulary ({n_teacher} logits) differs from the student's ({n_student})"
+        )
+
+
+# ---- the loss ---------------------------------------------------------------------------------
+
+
+class DistillLoss:
+    """The engine's loss: (alpha CE_sum + (1 - alpha) KL_sum over trained tokens, MoE balance loss,
+    {"ce": CE_sum, "kl": KL_sum}). The teacher's logits are cut to the student's vocabulary."""
+
+    def __init__(self, teacher: nn.Module, vocab_size: int, alpha: float, temperature: float, kd: str = "forward"):
+        check_options(alpha, temperature, kd)
+        self.teacher, self.vocab_size = teacher, vocab_size
+        self.alpha, self.temperature, self.reverse = alpha, temperature, kd == "reverse"
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        out = model(batch.input_ids, segment_ids=batch.segment_ids)
+        with torch.no_grad():
+            teacher = self.teacher(batch.input_ids, segment_ids=batch.segment_ids).logits[..., : self.vocab_size]
+        trained = batch.labels != IGNORE
+        # A term with weight 0 is still measured, but without a graph behind it.
+        ce = token_cross_entropy_sum(out.logits if self.alpha > 0 else out.logits.detach(), batch.labels)
+        s = out.logits if self.alpha < 1 else out.logits.detach()
+        kl = kd_kl_sum(s, teacher, trained, self.temperature, self.reverse)
+        loss = self.alpha * ce + (1 - self.alpha) * kl
+        return loss, out.aux_loss, {"ce": ce.detach(), "kl": kl.detach()}
+
+
+@torch.no_grad()
+def evaluate_kd(
+    student: nn.Module,
+    teacher: nn.Module,
+    rows: Rows,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 16,
+    max_rows: int = 256,
+) -> dict[str, float]:
+    """Per trained token over the first `max_rows` rows: the student's KL(p_teacher || p_student) at
+    T = 1 ("kl") and its cross-entropy on the data ("ce"), plus the token count. Both models on `device`."""
+    device = device or next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    measure = DistillLoss(teacher, student.cfg.vocab_size, alpha=0.5, temperature=1.0)
+    sums, n, count = {"kl": 0.0, "ce": 0.0}, min(len(rows), max_rows), 0
+    for start in range(0, n, batch_size):
+        batch = rows.batch(np.arange(start, min(n, start + batch_size)))
+        count += batch.num_tokens
+        with autocast(device, dtype):
+            _, _, metrics = measure(student, batch.to(device))
+        for k in sums:
+            sums[k] += float(metrics[k])
+    student.train(was_training)
+    return {"kl": sums["kl"] / max(count, 1), "ce": sums["ce"] / max(count, 1), "tokens": float(count)}
+
+
+def describe(m: dict[str, float]) -> str:
+    return f"KL to teacher {m['kl']:.4f}, CE {m['ce']:.4f} nats/token ({int(m['tokens']):,} trained tokens)"
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def data_format(paths: list[str], skip_bad_lines: bool = False) -> str:
+    """'sft' or 'text': what the files hold, judged by the first record of each; all must agree."""
+    kinds: dict[str, str] = {}
+    for path in paths:
+        if str(path).endswith(".txt"):
+            kinds[str(path)] = "text"
+            continue
+        first = next(iter_jsonl(path, [] if skip_bad_lines else None), None)
+        if first is None:
+            raise DataError(f"{path}: no usable records")
+        lineno, obj = first
+        if "conversations" in obj:
+            kinds[str(path)] = "sft"
+        elif "text" in obj:
+            kinds[str(path)] = "text"
+        else:
+            raise DataError(f'{path}:{lineno}: expected {{"conversations": [...]}} or {{"text": ...}} records')
+    if len(set(kinds.values())) > 1:
+        sft = [p for p, k in kinds.items() if k == "sft"]
+        raise DataError(f"{sft[0]} holds conversations but other files hold text; distil one kind at a time")
+    return next(iter(kinds.values()))
+
+
+def text_rows(paths: list[str], tok: Tokenizer, cfg: TrainConfig, name: str = "data", skip: bool = False) -> PackedRows:
+    """Rows of packed documents, every token trained (as `minimind pretrain` builds them)."""
+    tokens = tokenize_files(paths, tok, cfg.cache_dir or None, skip)
+    print(f"{name}: {tokens.num_documents:,} documents, {len(tokens.tokens):,} tokens")
+    for message in tokens.skipped[:5]:
+        print(f"  skipped {message}", file=sys.stderr)
+    return PackedRows(tokens.tokens, tokens.offsets, cfg.max_seq_len, cfg.doc_mask)
+
+
+def distill_rows(args: Any, cfg: TrainConfig, run: Run, fmt: str) -> tuple[Rows, Rows | None]:
+    """Training rows (and held-out rows) of the data's kind."""
+    if args.eval_data and data_format(args.eval_data) != fmt:
+        raise ConfigError(f"--eval-data holds {data_format(args.eval_data)} data but --data {fmt}; give one kind")
+    if fmt == "sft":
+        return conversation_rows(args, cfg, run)
+    held = text_rows(args.eval_data, run.tokenizer, cfg, "held-out") if args.eval_data else None
+    return text_rows(args.data, run.tokenizer, cfg, skip=cfg.skip_bad_lines), held
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+
+def student_run(args: Any, cfg: TrainConfig, tok: Tokenizer) -> Run:
+    """The student: the run being resumed, the --from run, or a fresh --preset sized to `tok`."""
+    overrides = dataclass_overrides(args, ModelConfig)
+    if overrides and (cfg.resume or not args.preset):
+        raise ConfigError(f"model overrides ({', '.join(overrides)}) shape a new --preset student only")
+    if args.preset and (args.parent or cfg.resume):
+        raise ConfigError("give --from RUN_DIR or --preset NAME for the student, not both (nor with --resume)")
+    if cfg.resume or args.parent:
+        return start_from(cfg, args.parent)
+    if not args.preset:
+        raise ConfigError("--from RUN_DIR or --preset NAME is required (the student), or --resume an existing --out")
+    if (Path(cfg.out) / "train_state.pt").exists():
+        raise ConfigError(f"{cfg.out} already holds a training run; use --resume to continue it or another --out")
+    positions = max(PRESETS[args.preset].get("max_position_embeddings", 32768), cfg.max_seq_len)
+    model_cfg = make_preset(
+        args.preset,
+        vocab_size=tok.vocab_size,
+        pad_token_id=tok.pad_id,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        max_position_embeddings=positions,
+        **overrides,
+    )
+    torch.manual_seed(cfg.seed)
+    return Run(MiniMind(model_cfg), tok, {"stage": "init"})
+
+
+def defaults(args: Any, given: TrainConfig) -> dict[str, Any]:
+    """A student from a run is fine-tuned (SFT's defaults); a fresh one is pretrained (the engine's)."""
+    if args.parent:
+        return {**SFT_DEFAULTS, **stage_defaults(args.parent, given.out, False, SFT_LR, SFT_DEFAULT_LR)}
+    return {}
+
+
+def prepare(args: Any) -> tuple[Trainer, Rows | None, DistillLoss]:
+    """Everything `minimind distill` trains with: the engine (student, rows, loss) and held-out rows."""
+    cfg = stage_options(args, lambda given: defaults(args, given))
+    saved = run_info(cfg.out).get("distill", {}) if cfg.resume else {}
+    opts = {**OPTIONS, **saved, **{k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}}
+    if not opts["teacher"]:
+        raise ConfigError("--teacher RUN_DIR (or hf:DIR) is required")
+    check_options(opts["alpha"], opts["temperature"], opts["kd"])
+    teacher, teacher_tok = load_teacher(str(opts["teacher"]))
+    run = student_run(args, cfg, teacher_tok)
+    check_vocabulary(opts["teacher"], teacher, teacher_tok, run)
+    if cfg.max_seq_len > run.cfg.max_position_embeddings:
+        raise ConfigError(
+            f"max_seq_len {cfg.max_seq_len} exceeds the student's max_position_embeddings "
+            f"({run.cfg.max_position_embeddings})"
+        )
+    if opts["format"] == "auto":
+        opts["format"] = data_format(args.data, cfg.skip_bad_lines)
+    rows, eval_rows = distill_rows(args, cfg, run, opts["format"])
+    loss = DistillLoss(teacher, run.cfg.vocab_size, opts["alpha"], opts["temperature"], opts["kd"])
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    print(
+        f"teacher {opts['teacher']}: {n_teacher / 1e6:.2f}M params -> student {run.model.num_params() / 1e6:.2f}M; "
+        f"{opts['kd']} KL at T={opts['temperature']:g}, alpha {opts['alpha']:g} on "
+        f"{'assistant tokens' if opts['format'] == 'sft' else 'every token'}"
+    )
+    info = {
+        "stage": "distill",
+        "parent": run.info.get("parent") if cfg.resume else (str(args.parent) if args.parent else None),
+        "preset": preset_of(run.cfg),
+        "data": [str(p) for p in args.data],
+        "tokenizer": run.tokenizer.source,
+        "seed": cfg.seed,
+        "distill": {**opts, "teacher": str(opts["teacher"])},
+    }
+    trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, loss)
+    teacher.to(trainer.device)
+    return trainer, eval_rows, loss
+
+
+def main(args: Any) -> None:
+    if args.show_mask:  # inspect only: the teacher's tokenizer marks the distilled tokens
+        cfg = merge_options(args, TrainConfig, SFT_DEFAULTS)
+        if not args.data or not args.teacher:
+            raise ConfigError("--show-mask needs --data and --teacher (for its tokenizer)")
+        spec = args.teacher
+        return print_masks(args, cfg, Tokenizer.load(spec[len(HF) :] if spec.startswith(HF) else spec))
+    trainer, eval_rows, loss = prepare(args)
+    check = None
+    if eval_rows is not None:
+        check = lambda: describe(evaluate_kd(trainer.model, loss.teacher, eval_rows, trainer.device, trainer.dtype))
+    fit_and_report(trainer, check, "trained tokens", label="held-out")
