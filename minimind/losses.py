@@ -88,20 +88,51 @@ def kd_kl_sum(
 
         forward:  T^2 * KL(p_teacher^T || p_student^T) = T^2 sum_v p_t (log p_t - log p_s)
         reverse:  T^2 * KL(p_student^T || p_teacher^T)
-    with p^T = softmax(logits / T). Computed `chunk` positions at a time in float32, so a
-    (tokens x vocab) float32 tensor of probabilities never exists for the whole sequence at once.
+    with p^T = softmax(logits / T). Computed `chunk` positions at a time in float32, in the forward
+    *and* the backward pass (a custom autograd function recomputes each chunk from the logits and
+    writes its gradient, d/dz_s = T (p_s - p_t) forward, T p_s (log p_s - log p_t - KL) reverse), so
+    no (tokens x vocab) float32 tensor of probabilities is ever kept for the whole sequence. The
+    teacher's logits get no gradient.
     """
     s = student_logits.reshape(-1, student_logits.shape[-1])
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     keep = mask.reshape(-1).nonzero().squeeze(-1)
-    total = s.new_zeros((), dtype=torch.float32)
-    for start in range(0, keep.numel(), chunk):
-        idx = keep[start : start + chunk]
-        log_s = torch.log_softmax(s[idx].float() / temperature, dim=-1)
-        log_t = torch.log_softmax(t[idx].float() / temperature, dim=-1)
-        a, b = (log_s, log_t) if reverse else (log_t, log_s)
-        total = total + (a.exp() * (a - b)).sum()
-    return total * temperature**2
+    return _ChunkedKL.apply(s, t, keep, float(temperature), bool(reverse), int(chunk))
+
+
+class _ChunkedKL(torch.autograd.Function):
+    @staticmethod
+    def _chunks(s, t, keep, temperature, chunk):
+        for start in range(0, keep.numel(), chunk):
+            idx = keep[start : start + chunk]
+            log_s = torch.log_softmax(s[idx].float() / temperature, dim=-1)
+            log_t = torch.log_softmax(t[idx].float() / temperature, dim=-1)
+            yield idx, log_s, log_t
+
+    @staticmethod
+    def forward(ctx, s, t, keep, temperature, reverse, chunk):  # type: ignore[override]
+        ctx.save_for_backward(s, t, keep)
+        ctx.temperature, ctx.reverse, ctx.chunk = temperature, reverse, chunk
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        for _, log_s, log_t in _ChunkedKL._chunks(s, t, keep, temperature, chunk):
+            a, b = (log_s, log_t) if reverse else (log_t, log_s)
+            total = total + (a.exp() * (a - b)).sum()
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        s, t, keep = ctx.saved_tensors
+        T = ctx.temperature
+        grad = torch.zeros_like(s)
+        for idx, log_s, log_t in _ChunkedKL._chunks(s, t, keep, T, ctx.chunk):
+            p_s = log_s.exp()
+            if ctx.reverse:
+                d = log_s - log_t
+                g = p_s * (d - (p_s * d).sum(-1, keepdim=True))
+            else:
+                g = p_s - log_t.exp()
+            grad[idx] = (grad_out * T * g).to(grad.dtype)
+        return grad, None, None, None, None, None
 
 
 # ---- reinforcement learning ----

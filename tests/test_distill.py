@@ -87,6 +87,21 @@ def test_chunked_kl_equals_the_unchunked_reference(reverse):
     assert kd_kl_sum(s, s.clone(), mask, 2.0, reverse).abs() < 1e-4  # zero for identical distributions
 
 
+def test_chunked_kl_keeps_no_probability_tensor_for_the_backward():
+    """What autograd saves for the backward is the logits themselves (which exist anyway), never a
+    (positions x vocab) float32 tensor of probabilities per chunk: the backward recomputes chunks."""
+    s = torch.randn(2, 300, 640).requires_grad_()
+    t, mask = torch.randn(2, 300, 640), torch.ones(2, 300, dtype=torch.bool)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda x: saved.append(x.numel() * x.element_size()) or x, lambda x: x
+    ):
+        loss = kd_kl_sum(s, t, mask, 2.0, False, chunk=64)
+    assert sum(saved) <= s.numel() * 4 * 2 + 600 * 8  # student + teacher logits + kept positions
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
 class FixedTeacher(nn.Module):
     """A teacher that answers with the logits it was given, whatever it is asked."""
 
