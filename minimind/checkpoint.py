@@ -174,7 +174,10 @@ class Run:
 
     @property
     def is_chat(self) -> bool:
-        """Whether prompts go through the chat template (any run past pretraining)."""
+        """Whether prompts go through the chat template (any run past pretraining, except a student
+        distilled on text)."""
+        if self.info.get("stage") == "distill":
+            return self.info.get("distill", {}).get("format") != "text"
         return self.info.get("stage") not in TEXT_STAGES
 
 

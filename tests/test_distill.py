@@ -192,6 +192,7 @@ def test_kd_pulls_the_student_to_its_teacher_faster_than_ce_alone(pipeline, tmp_
     assert before[0.0] == before[1.0]  # the same student to start with
     assert all(after[a]["kl"] < 0.7 * before[a]["kl"] for a in after)
     assert after[0.0]["kl"] < 0.75 * after[1.0]["kl"], after
+    assert not load_run(tmp_path / "alpha0.0").is_chat  # distilled on text: prompts stay plain text
 
 
 def test_the_teacher_stays_frozen(pipeline, tmp_path):
