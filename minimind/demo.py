@@ -30,6 +30,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--reason-steps", type=int, default=60)
     p.add_argument("--distill-steps", type=int, default=80)
+    p.add_argument("--grpo-steps", type=int, default=120)
 
 
 def first_question(conversation: list[dict]) -> tuple[list[dict], str]:
@@ -151,6 +152,7 @@ def main(args: Any) -> None:
     post_training(out, files, args)
     preference_and_reasoning(out, files, args)
     distillation(out, files, args)
+    reinforcement(out, files, args)
 
     section("done")
     print(f"finished in {time.perf_counter() - t0:.0f} s. Every step above is one command; see README.md.")
@@ -286,3 +288,14 @@ def distillation(out: Path, files: dict[str, Path], args: Any) -> None:
         student = load_run(out / f"student-{name}").model
         measured = describe(evaluate_kd(student, teacher, rows))
         print(f"   {name} ({student.num_params() / 1e6:.2f}M): held-out {measured}")
+
+
+def reinforcement(out: Path, files: dict[str, Path], args: Any) -> None:
+    """GRPO with a rule reward on arithmetic prompts, from the SFT run."""
+    section("13. GRPO: 8 sampled answers per sum, rewarded when right (+ partial credit when close)")
+    shutil.rmtree(out / "grpo", ignore_errors=True)
+    cli("grpo", "--from", out / "sft", "--data", files["rl"], "--eval-data", files["rl_heldout"],
+        "--reward", "rule:math+rule:close", "--out", out / "grpo", "--max-steps", args.grpo_steps, "--batch-size", 16,
+        "--num-generations", 8, "--temperature", 0.7, "--max-new-tokens", 16, "--log-every", 20,
+        "--seed", args.seed)  # fmt: skip
+    print("   (rule:math: share of the held-out sums answered right; rule:close: 1 - |error| / 10)")

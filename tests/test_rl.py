@@ -225,3 +225,37 @@ def test_ppo_resume_keeps_actor_critic_and_minibatch_position(pipeline, tmp_path
     sa = torch.load(tmp_path / "straight" / "train_state.pt")["sampler"]
     sb = torch.load(tmp_path / "split" / "train_state.pt")["sampler"]
     assert sa["stage"]["stopped"] == sb["stage"]["stopped"] > 0 and sa["sampler"] == sb["sampler"]
+
+
+LONGER = "rule:close"  # partial credit for near misses: samples of one prompt earn different rewards
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "spo"])
+def test_each_rl_stage_raises_the_mean_reward(pipeline, tmp_path, stage):
+    """Partial credit for sums (1 - |error| / 10; the SFT model is usually off by a few): a few steps of each
+    algorithm raise the mean reward of greedy replies to 100 held-out prompts (SFT: about 0.5)."""
+    from minimind.data.prompts import read_prompts
+    from minimind.rl.rewards import parse_reward
+    from minimind.rl.rollout import RLOptions, held_out_rewards, policy_of
+    from minimind.stages import ppo, spo
+
+    f = pipeline["files"]
+    argv = [stage, "--from", pipeline["sft"], "--data", f["rl"], "--out", tmp_path / stage, "--reward", LONGER]
+    argv += ["--max-new-tokens", 16, "--max-steps", 20, "--seed", 0, "--log-every", 5, "--lr", 1e-4]
+    argv += ["--temperature", 0.7] + (
+        ["--batch-size", 8, "--num-generations", 8] if stage == "grpo" else ["--batch-size", 32]
+    )
+    args = build_parser(stage).parse_args([str(a) for a in argv])
+    prepare = {"grpo": prepare_grpo, "ppo": ppo.prepare, "spo": spo.prepare}[stage]
+    trainer, _ = prepare(args)
+    held = read_prompts([f["rl_heldout"]])[:100]
+    opts, reward = RLOptions(max_new_tokens=16, temperature=0.7), parse_reward(LONGER)
+    measure = lambda: held_out_rewards(policy_of(trainer.model), trainer.tokenizer, held, reward, opts)
+    before = measure()["greedy"]["reward"]
+    trainer.fit()
+    after = measure()["greedy"]["reward"]
+    assert after > before + 0.04, (stage, before, after)
+
+
+def prepare_grpo(args):
+    return grpo.prepare_rl(args, "grpo", grpo.RLOptions(), grpo.group_relative)

@@ -283,7 +283,7 @@ DATASETS = {
     "pretrain": (lambda n, seed: [{"text": t} for t in pretrain_texts(n, seed)], 4000, 200),
     "sft": (sft_records, 3000, 200),
     "dpo": (dpo_records, 1500, 100),
-    "rl": (rl_records, 500, 50),
+    "rl": (rl_records, 500, 200),
     "reason": (reasoning_records, 1500, 100),
     "identity": (identity_records, 600, 40),
     "mc": (mc_records, 200, 100),

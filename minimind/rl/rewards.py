@@ -69,6 +69,19 @@ def math_reward(reply: str, answer: str) -> float:
     return float(same_number(final_answer(reply), extract_number(answer)))
 
 
+def close_reward(reply: str, answer: str, scale: float = 10.0) -> float:
+    """Partial credit for arithmetic: 1 - |final answer - reference| / scale, at least 0 (0 without a
+    number). Near misses earn something, so most groups of samples differ and carry a signal.
+
+    >>> close_reward("12 + 30 = 42.", "42"), close_reward("12 + 30 = 45.", "42"), close_reward("no idea", "42")
+    (1.0, 0.7, 0.0)
+    """
+    got, want = final_answer(reply), extract_number(answer)
+    if got is None or want is None:
+        return 0.0
+    return max(0.0, 1.0 - abs(float(got) - float(want)) / scale)
+
+
 def format_reward(reply: str) -> float:
     """0.5 when the reply is exactly `<think>…</think><answer>…</answer>` (both non-empty, see
     `minimind.eval.follows_format`), plus 0.125 for each of the four tags that occurs exactly once:
@@ -200,6 +213,10 @@ def math_component(prompts: list[Prompt], replies: list[str]) -> list[float]:
     return [math_reward(r, p.answer) for p, r in zip(prompts, replies)]  # type: ignore[arg-type]
 
 
+def close_component(scale: float) -> Component:
+    return lambda prompts, replies: [close_reward(r, p.answer, scale) for p, r in zip(prompts, replies)]  # type: ignore[arg-type]
+
+
 def check_math_prompts(prompts: Sequence[Prompt]) -> None:
     """rule:math needs a reference answer with a number in every prompt."""
     for p in prompts:
@@ -221,6 +238,7 @@ def model_component(load: Callable, scores: Callable, path: str, device: str, cl
 # rule name -> (its options with their defaults, the component made from the options given)
 RULES: dict[str, tuple[dict[str, float], Callable[[dict], Component]]] = {
     "math": ({}, lambda o: math_component),
+    "close": (dict(scale=10.0), lambda o: close_component(o["scale"])),
     "format": ({}, lambda o: per_reply(format_reward)),
     "length": (dict(min=20, max=800, think_min=20, think_max=300), lambda o: per_reply(length_penalty, **o)),
     "repetition": (dict(n=3), lambda o: per_reply(repetition_penalty, n=int(o["n"]))),
@@ -251,7 +269,7 @@ class RewardFn:
 
     def check(self, prompts: Sequence[Prompt]) -> None:
         """Raise now, not at step 500, when the prompts lack what a term needs (rule:math: answers)."""
-        if any(t.name == "rule:math" for t in self.terms):
+        if any(t.name.split("@")[0] in ("rule:math", "rule:close") for t in self.terms):
             check_math_prompts(prompts)
 
     def __call__(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> Rewards:

@@ -56,6 +56,7 @@ class RLOptions:
     ppo_epochs: int = 1  # optimizer steps per rollout
     think: bool | None = None  # the generation prompt opens a <think> block (True), skips it (False)
     eval_tokens: int = 0  # reply length of the held-out check (0: max_new_tokens)
+    eval_samples: int = 4  # replies sampled per held-out prompt in the check (0: greedy only)
 
     def validate(self) -> None:
         if not self.reward:
@@ -318,21 +319,47 @@ class RolloutSource:
 
 
 @torch.no_grad()
-def greedy_rewards(
-    model: nn.Module, tok: Tokenizer, prompts: list[Prompt], reward: RewardFn, opts: RLOptions, batch_size: int = 32
+def held_out_rewards(
+    model: nn.Module,
+    tok: Tokenizer,
+    prompts: list[Prompt],
+    reward: RewardFn,
+    opts: RLOptions,
+    samples: int = 0,
+    batch_size: int = 32,
 ) -> dict[str, float]:
-    """Held-out check: mean reward (and each term's mean) of greedy replies to `prompts`."""
+    """Held-out check: mean reward (and each term's mean) of greedy replies to `prompts`, and with
+    `samples` > 0 of that many replies per prompt sampled as in training (temperature T, full
+    distribution) from a fixed seed: the global RNG is left alone, so checks never change training."""
     was_training = model.training
     model.eval()
     ids = [encode_prompt(tok, p, opts.think) for p in prompts]
-    params = SamplingParams(
-        max_new_tokens=opts.eval_tokens or opts.max_new_tokens, temperature=0, stop_ids=tok.stop_ids
-    )
     prefix = reply_prefix(tok, opts.think)
-    texts = []
-    for start in range(0, len(ids), batch_size):
-        out = generate(model, ids[start : start + batch_size], params)
-        texts += [prefix + tok.decode(g.tokens, skip_special_tokens=True) for g in out.generations]
+    n = opts.eval_tokens or opts.max_new_tokens
+
+    def mean_rewards(params: SamplingParams, k: int) -> dict[str, float]:
+        rows = [x for x in ids for _ in range(k)]
+        texts = []
+        for start in range(0, len(rows), batch_size):
+            out = generate(model, rows[start : start + batch_size], params)
+            texts += [prefix + tok.decode(g.tokens, skip_special_tokens=True) for g in out.generations]
+        r = reward(prompts, texts)
+        return {"reward": float(r.total.mean()), **{k: float(v.mean()) for k, v in r.parts.items()}}
+
+    out = {"greedy": mean_rewards(SamplingParams(max_new_tokens=n, temperature=0, stop_ids=tok.stop_ids), 1)}
+    if samples:
+        sampled = SamplingParams(n, opts.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids, seed=0)
+        out["sampled"] = mean_rewards(sampled, samples)
     model.train(was_training)
-    r = reward(prompts, texts)
-    return {"reward": float(r.total.mean()), **{k: float(v.mean()) for k, v in r.parts.items()}}
+    return out
+
+
+def describe_rewards(m: dict[str, dict[str, float]], opts: RLOptions, n: int) -> str:
+    def one(r: dict[str, float]) -> str:
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "reward")
+        return f"{r['reward']:.3f}" + (f" ({parts})" if len(r) > 2 else "")
+
+    text = f"mean reward of greedy replies {one(m['greedy'])}"
+    if "sampled" in m:
+        text += f"; of sampled replies (T={opts.temperature:g}) {one(m['sampled'])}"
+    return text + f" on {n} prompts"

@@ -28,7 +28,15 @@ from minimind.engine import Trainer
 from minimind.errors import ConfigError, DataError
 from minimind.losses import group_advantages, zero_signal_groups
 from minimind.rl.rewards import parse_reward
-from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutSource, greedy_rewards, policy_of, reference_model
+from minimind.rl.rollout import (
+    PolicyLoss,
+    RLOptions,
+    RolloutSource,
+    describe_rewards,
+    held_out_rewards,
+    policy_of,
+    reference_model,
+)
 from minimind.stages.common import add_stage_arguments, fit_and_report, stage_options, start_from
 from minimind.stages.sft import stage_defaults
 
@@ -57,6 +65,7 @@ FLAGS = {  # RLOptions field -> flag help
     "loss": "grpo | dr_grpo | cispo",
     "ppo_epochs": "optimizer steps on each rollout",
     "eval_tokens": "reply length of the held-out check (0: --max-new-tokens)",
+    "eval_samples": "replies sampled per held-out prompt (as in training) besides the greedy one",
 }
 
 
@@ -135,9 +144,8 @@ def prepare_rl(
         reward.check(held)
 
         def check() -> str:
-            m = greedy_rewards(policy_of(trainer.model), tok, held, reward, opts)
-            parts = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "reward")
-            return f"mean reward of greedy replies {m['reward']:.3f} ({parts}) on {len(held)} prompts"
+            m = held_out_rewards(policy_of(trainer.model), tok, held, reward, opts, opts.eval_samples)
+            return describe_rewards(m, opts, len(held))
 
     return trainer, check
 
