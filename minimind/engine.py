@@ -62,6 +62,12 @@ def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]
     return token_cross_entropy_sum(out.logits, batch.labels), out.aux_loss
 
 
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """The engine's precision policy (autocast to `dtype`, off for float32), for forward passes
+    outside its loop: reference models, teachers, rollouts."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
     """Linear warmup to lr over `warmup` steps, then cosine decay to lr * min_ratio at `total`."""
     if step < warmup:
@@ -247,12 +253,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_total = torch.zeros((), device=self.device)
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        mixed = autocast(self.device, self.dtype)
         for i, batch in enumerate(micro):
             sync = self.world == 1 or i == len(micro) - 1
             no_sync = contextlib.nullcontext() if sync else self.train_model.no_sync()
             with no_sync:
-                with autocast:
+                with mixed:
                     loss_sum, aux, *extra = self.loss_fn(self.train_model, batch.to(self.device))
                 loss = loss_sum / denom + aux / len(micro)
                 self.scaler.scale(loss).backward()

@@ -130,7 +130,7 @@ def test_math_needs_a_numeric_reference_answer():
         ("", "empty spec"),
         ("rule:math +", "missing term"),
         ("rule:math + - rule:format", "missing term"),
-        ("rule:maths", "unknown rule 'maths'.*math, format, length, repetition"),
+        ("rule:maths", "unknown rule 'maths'.*math, close, format, length, repetition"),
         ("reward:math", "unknown reward 'reward:math'"),
         ("math", "unknown reward 'math'"),
         ("x*rule:math", "bad weight in 'x\\*rule:math'"),

@@ -21,7 +21,6 @@ train_state.pt, so `--resume` continues exactly, even between two epochs of one 
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -31,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from minimind.checkpoint import load_run
 from minimind.data.packing import IGNORE, Batch, Sampler
 from minimind.data.prompts import Prompt, encode_prompt, reply_prefix
+from minimind.engine import autocast
 from minimind.errors import ConfigError
 from minimind.generate import SamplingParams, generate
 from minimind.losses import entropy_from_logits, policy_loss
@@ -112,15 +111,21 @@ def completion_rows(prompts: list[list[int]], completions: list[list[int]], pad_
 
 
 class PolicyLoss:
-    """The engine's loss for GRPO-style stages: `minimind.losses.policy_loss` on the completion tokens,
+    """The engine's loss for the RL stages: `minimind.losses.policy_loss` on the completion tokens,
     with clip fraction, ratio, approx-KL, KL to the reference and entropy logged per unit."""
 
     def __init__(self, opts: RLOptions):
         self.opts = opts
+        self.last_kl = torch.zeros(())  # approx-KL of the latest micro-batch (PPO's early stop reads it)
 
     def __call__(self, model: nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        o = self.opts
         out = model(batch.input_ids)
+        loss, units, stats = self.terms(out, batch)
+        return loss, out.aux_loss, {k: v.detach() * units for k, v in stats.items()}
+
+    def terms(self, out: Any, batch: RolloutBatch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """(loss sum, units, stats) from the forward output (a stage may add its own terms: PPO)."""
+        o = self.opts
         mask = batch.labels != IGNORE
         logp = token_logps(out.logits, batch.labels, o.temperature)
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
@@ -130,28 +135,13 @@ class PolicyLoss:
         )  # fmt: skip
         with torch.no_grad():
             stats["entropy"] = entropy_from_logits(out.logits.detach() / o.temperature, mask)
-        return loss, out.aux_loss, {k: v.detach() * units for k, v in stats.items()}
+        self.last_kl = stats["approx_kl"].detach()
+        return loss, units, stats
 
 
 def policy_of(model: nn.Module) -> nn.Module:
     """The language model that samples (PPO trains an actor-critic pair; the actor samples)."""
     return getattr(model, "actor", model)
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def reference_model(policy: nn.Module, tok: Tokenizer, ref_dir: str | None) -> nn.Module:
-    """The frozen reference: a copy of the starting policy, or the run in ref_dir (same vocabulary)."""
-    if ref_dir is None:
-        ref = copy.deepcopy(policy)
-    else:
-        run = load_run(ref_dir)
-        if run.tokenizer.vocab_size != tok.vocab_size:
-            raise ConfigError(f"--ref {ref_dir}: its vocabulary differs from the policy's (same tokenizer needed)")
-        ref = run.model
-    return ref.eval().requires_grad_(False)
 
 
 # An advantage rule: (rewards (N,) of the rollout, prompt index of each completion (N,)) ->

@@ -6,17 +6,21 @@ its loss and its defaults.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from minimind.checkpoint import RUN_INFO, Run, load_run
 from minimind.config import TrainConfig, add_dataclass_args, merge_options
 from minimind.data.packing import Rows
 from minimind.engine import LossFn, RunCheckpoint, Trainer, TrainResult, evaluate_loss, lm_loss
 from minimind.errors import ConfigError
+from minimind.tokenizer import Tokenizer
 
 
 def add_stage_arguments(p: Any, data_help: str, parent: bool = True) -> None:
@@ -76,6 +80,19 @@ def start_from(cfg: TrainConfig, parent: str | None) -> Run:
     if Path(parent).resolve() == out.resolve():
         raise ConfigError("--out must differ from --from (the parent run is never overwritten)")
     return load_run(parent)
+
+
+def reference_model(policy: nn.Module, tok: Tokenizer, ref_dir: str | None) -> nn.Module:
+    """A frozen reference (DPO, RL): a copy of the starting policy, or the run in ref_dir, which must
+    share the policy's tokenizer. Eval mode, no gradients."""
+    if ref_dir is None:
+        ref = copy.deepcopy(policy)
+    else:
+        run = load_run(ref_dir)
+        if run.tokenizer.vocab_size != tok.vocab_size or run.cfg.vocab_size != policy.cfg.vocab_size:
+            raise ConfigError(f"--ref {ref_dir}: its vocabulary differs from the policy's (same tokenizer needed)")
+        ref = run.model
+    return ref.eval().requires_grad_(False)
 
 
 def train(

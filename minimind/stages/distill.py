@@ -39,12 +39,11 @@ from minimind.config import preset as make_preset
 from minimind.data.packing import IGNORE, Batch, PackedRows, Rows
 from minimind.data.readers import iter_jsonl
 from minimind.data.tokens import tokenize_files
-from minimind.engine import Trainer
+from minimind.engine import Trainer, autocast
 from minimind.errors import CheckpointError, ConfigError, DataError
 from minimind.losses import kd_kl_sum, token_cross_entropy_sum
 from minimind.model import MiniMind, positions_from
 from minimind.stages.common import add_stage_arguments, fit_and_report, run_info, stage_options, start_from
-from minimind.stages.dpo import autocast
 from minimind.stages.sft import DEFAULT_LR as SFT_DEFAULT_LR
 from minimind.stages.sft import (
     SFT_DEFAULTS,

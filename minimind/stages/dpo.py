@@ -14,7 +14,6 @@ metrics: reward margin beta h, reward accuracy (share of pairs with h > 0), chos
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,14 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from minimind.checkpoint import load_run
 from minimind.config import TrainConfig, _parse_bool, preset_of
 from minimind.data.preference import FORMS, PairBatch, PairRows, read_preferences
-from minimind.engine import Trainer
+from minimind.engine import Trainer, autocast
 from minimind.errors import ConfigError
 from minimind.losses import dpo_loss, sequence_logprobs
-from minimind.model import MiniMind
-from minimind.stages.common import add_stage_arguments, fit_and_report, stage_options, start_from
+from minimind.stages.common import add_stage_arguments, fit_and_report, reference_model, stage_options, start_from
 from minimind.stages.sft import stage_defaults
 from minimind.tokenizer import Tokenizer
 
@@ -105,11 +102,6 @@ class DPOLoss:
         return loss.sum(), aux, metrics
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
-    """The engine's precision policy, for forward passes outside its loop."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 @torch.no_grad()
 def per_pair(
     value: Callable[[nn.Module, PairBatch], torch.Tensor],
@@ -171,18 +163,6 @@ def pair_rows(paths: list[str], tok: Tokenizer, cfg: TrainConfig, shifted: bool,
     for message in data.skipped[:5]:
         print(f"  skipped {message}", file=sys.stderr)
     return PairRows(data, cfg.max_seq_len, tok.pad_id, shifted)
-
-
-def reference_model(policy: MiniMind, tok: Tokenizer, ref_dir: str | None) -> MiniMind:
-    """The frozen reference: a copy of the starting policy, or the run in ref_dir (same vocabulary)."""
-    if ref_dir is None:
-        ref = copy.deepcopy(policy)
-    else:
-        run = load_run(ref_dir)
-        if run.tokenizer.vocab_size != tok.vocab_size or run.cfg.vocab_size != policy.cfg.vocab_size:
-            raise ConfigError(f"--ref {ref_dir}: its vocabulary differs from the policy's (same tokenizer needed)")
-        ref = run.model
-    return ref.eval().requires_grad_(False)
 
 
 def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:

@@ -29,11 +29,11 @@ from torch import nn
 from minimind.checkpoint import WEIGHTS, load_config, load_weights, save_run
 from minimind.config import TrainConfig
 from minimind.data.packing import IGNORE
-from minimind.engine import RunCheckpoint
+from minimind.engine import RunCheckpoint, autocast
 from minimind.errors import ConfigError
-from minimind.losses import gae, policy_loss, token_rewards, value_loss, whiten
+from minimind.losses import gae, token_rewards, value_loss, whiten
 from minimind.reward_model import RewardModel, load_reward_model, token_values
-from minimind.rl.rollout import RLOptions, RolloutBatch, RolloutSource, autocast, token_logps
+from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutBatch, RolloutSource
 from minimind.stages.common import fit_and_report
 from minimind.stages.grpo import FLAGS, add_rl_arguments, prepare_rl
 
@@ -100,24 +100,15 @@ class ActorCritic(nn.Module):
         return out
 
 
-class PPOLoss:
+class PPOLoss(PolicyLoss):
     """policy_loss(kind="ppo") + vf_coef * value_loss, both token sums (the engine divides by tokens)."""
 
-    def __init__(self, opts: PPOOptions):
-        self.opts = opts
-        self.last_kl = torch.zeros(())  # approx-KL of the latest micro-batch: early stopping reads it
-
-    def __call__(self, model: nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def terms(self, out: Any, batch: RolloutBatch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         o = self.opts
-        out = model(batch.input_ids)
-        mask = batch.labels != IGNORE
-        logp = token_logps(out.logits, batch.labels, o.temperature)
-        old = batch.old_logp if batch.old_logp is not None else logp.detach()
-        pg, units, stats = policy_loss(logp, old, batch.advantages, mask, "ppo", o.clip, o.clip_high or None)
-        vl, vf_clip = value_loss(out.values, batch.old_values, batch.returns, mask, o.value_clip)
-        self.last_kl = stats["approx_kl"].detach()
+        loss, units, stats = super().terms(out, batch)
+        vl, vf_clip = value_loss(out.values, batch.old_values, batch.returns, batch.labels != IGNORE, o.value_clip)
         stats.update(value_loss=vl.detach() / max(units, 1), vf_clip=vf_clip)
-        return pg + o.vf_coef * vl, out.aux_loss, {k: v.detach() * units for k, v in stats.items()}
+        return loss + o.vf_coef * vl, units, stats
 
 
 class PPOState:

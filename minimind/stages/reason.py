@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from minimind.checkpoint import Run
-from minimind.config import TrainConfig, merge_options, preset_of
+from minimind.config import preset_of
 from minimind.data.chat import ChatRows, ChatTokens
 from minimind.data.packing import IGNORE, Batch
 from minimind.engine import Trainer, evaluate_loss
@@ -35,7 +35,7 @@ from minimind.stages.sft import (
     SFT_LR,
     add_conversation_arguments,
     conversation_rows,
-    print_masks,
+    show_masks,
     stage_defaults,
 )
 from minimind.tokenizer import TAGS as SPECIAL_TAGS
@@ -125,10 +125,7 @@ def count_tags(data: ChatTokens, tags: list[list[int]]) -> int:
 
 def main(args: Any) -> None:
     if args.show_mask:  # the SFT mask; the tags among the marked tokens are the weighted ones
-        cfg = merge_options(args, TrainConfig, REASON_DEFAULTS)
-        if not args.data or not (args.parent or cfg.out):
-            raise ConfigError("--show-mask needs --data and --from RUN_DIR (for its tokenizer)")
-        return print_masks(args, cfg, Tokenizer.load(args.parent or cfg.out))
+        return show_masks(args, REASON_DEFAULTS)
     trainer, check = prepare(args)
     fit_and_report(trainer, check)
 

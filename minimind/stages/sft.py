@@ -87,6 +87,14 @@ def conversation_rows(args: Any, cfg: TrainConfig, run: Run) -> tuple[ChatRows, 
     return rows, eval_rows
 
 
+def show_masks(args: Any, defaults: dict[str, Any]) -> None:
+    """--show-mask N: inspect only (no --out needed; nothing is written but the token cache)."""
+    cfg = merge_options(args, TrainConfig, defaults)
+    if not args.data or not (args.parent or cfg.out):
+        raise ConfigError("--show-mask needs --data and --from RUN_DIR (for its tokenizer)")
+    print_masks(args, cfg, Tokenizer.load(args.parent or cfg.out))
+
+
 def print_masks(args: Any, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
     data = tokenize_conversations(args.data, tokenizer, cfg.max_seq_len, cfg.cache_dir or None)
     for i in range(min(args.show_mask, len(data))):
@@ -96,11 +104,8 @@ def print_masks(args: Any, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
 
 
 def main(args: Any) -> None:
-    if args.show_mask:  # inspect only: no --out needed, nothing is written but the token cache
-        cfg = merge_options(args, TrainConfig, SFT_DEFAULTS)
-        if not args.data or not (args.parent or cfg.out):
-            raise ConfigError("--show-mask needs --data and --from RUN_DIR (for its tokenizer)")
-        return print_masks(args, cfg, Tokenizer.load(args.parent or cfg.out))
+    if args.show_mask:
+        return show_masks(args, SFT_DEFAULTS)
     cfg = stage_options(
         args, lambda given: {**SFT_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, SFT_LR, DEFAULT_LR)}
     )

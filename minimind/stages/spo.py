@@ -21,9 +21,10 @@ import torch
 
 from minimind.config import _parse_bool
 from minimind.data.packing import IGNORE
+from minimind.engine import autocast
 from minimind.errors import ConfigError
 from minimind.losses import k3_kl
-from minimind.rl.rollout import RLOptions, RolloutSource, autocast, token_logps
+from minimind.rl.rollout import RLOptions, RolloutSource, token_logps
 from minimind.rl.spo import ValueTracker, spo_advantages
 from minimind.stages.common import fit_and_report
 from minimind.stages.grpo import FLAGS, add_rl_arguments, prepare_rl
