@@ -249,7 +249,7 @@ def preference_and_reasoning(out: Path, files: dict[str, Path], args: Any) -> No
 
     section("10. DPO: prefer the right answer over a wrong one (held-out pairs)")
     cli("dpo", "--from", out / "sft", "--data", files["dpo"], "--eval-data", files["dpo_heldout"],
-        "--out", out / "dpo", "--max-steps", args.dpo_steps, *common)  # fmt: skip
+        "--out", out / "dpo", "--max-steps", args.dpo_steps, "--nll-weight", 0.3, *common)  # fmt: skip
     sft, dpo = load_run(out / "sft"), load_run(out / "dpo")
     before, _ = answer_accuracy(sft.model, sft.tokenizer, held)
     after, _ = answer_accuracy(dpo.model, dpo.tokenizer, held)

@@ -46,6 +46,25 @@ def test_dpo_loss_equals_hand_computed_values():
         dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1, kind="hinge")
 
 
+def test_nll_weight_adds_the_chosen_replies_mean_token_nll(tokenizer, tmp_path):
+    """RPO: L = L_DPO + w * (-log pi(y_w) / |y_w|) per pair, checked against the pieces."""
+    path_pairs = [
+        {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6. I think."},
+        {"prompt": "Where does Mia live?", "chosen": "Mia lives in Oakvale.", "rejected": "No idea."},
+    ]
+    data = read_preferences([write(tmp_path / "p.jsonl", path_pairs)], tokenizer, 128)
+    rows = PairRows(data, 127, tokenizer.pad_id)
+    batch = rows.batch(np.array([0, 1]))
+    batch.ref_logps = torch.tensor([-9.0, -8.0, -7.0, -6.0])
+    model = sharp_model(vocab_size=tokenizer.vocab_size).requires_grad_(False)
+    plain, _, _ = dpo.DPOLoss(0.1, "sigmoid", False)(model, batch)
+    with_nll, _, _ = dpo.DPOLoss(0.1, "sigmoid", False, nll_weight=0.5)(model, batch)
+    logp, _ = dpo.reply_logps(model, batch, length_norm=False)
+    n = (batch.labels[:2] != -100).sum(-1)
+    assert n.tolist() == [len(tokenizer.encode(p["chosen"])) + 1 for p in path_pairs]  # reply + <|im_end|>
+    torch.testing.assert_close(with_nll - plain, 0.5 * (-logp[:2] / n).sum())
+
+
 def test_only_the_final_reply_is_compared(tokenizer, tmp_path):
     """Log-probs cover exactly the last reply and its <|im_end|> (not the earlier assistant turn), in
     both input forms, through right padding: checked against a manual sum on the unpadded sequence."""
@@ -169,6 +188,7 @@ def test_dpo_resume_is_bitwise_exact(pipeline, tmp_path):
     data = tmp_path / "pairs.jsonl"  # a small file: three processes precompute its reference log-probs
     data.write_text("".join(pipeline["files"]["dpo"].read_text().splitlines(keepends=True)[:96]))
     extra = ["--max-steps", 8, "--warmup-steps", 2, "--log-every", 2, "--beta", 0.2, "--precompute-ref"]
+    extra += ["--nll-weight", 0.3]
     _run_cli(*dpo_argv(pipeline, tmp_path / "straight", *extra, data=data))
     interrupted, _, loss = dpo.prepare(dpo_args(pipeline, tmp_path / "split", *extra, data=data))
     assert loss.beta == 0.2
@@ -182,4 +202,9 @@ def test_dpo_resume_is_bitwise_exact(pipeline, tmp_path):
     b = load_file(str(tmp_path / "split" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     info = json.loads((tmp_path / "split" / "run.json").read_text())
-    assert info["stage"] == "dpo" and info["dpo"]["beta"] == 0.2 and info["reference"] == str(pipeline["sft"])
+    assert (
+        info["stage"] == "dpo"
+        and info["dpo"]["beta"] == 0.2
+        and info["dpo"]["nll_weight"] == 0.3
+        and info["reference"] == str(pipeline["sft"])
+    )

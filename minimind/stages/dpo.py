@@ -8,6 +8,8 @@ loss:    log-probs summed over the final reply and its <|im_end|> (--length-norm
              h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
              sigmoid: L = -log sigma(beta h)        ipo: L = (h - 1 / (2 beta))^2
          chosen and rejected in one forward pass (2B rows); the engine averages over pairs.
+         --nll-weight W adds W * (-log pi(y_w) / |y_w|) (RPO): DPO alone also lowers the likelihood of
+         the chosen replies; this keeps them likely.
 metrics: reward margin beta h, reward accuracy (share of pairs with h > 0), chosen/rejected log-probs;
          on --eval-data, also the share of pairs whose chosen reply the policy itself finds likelier.
 """
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from minimind.config import TrainConfig, _parse_bool, preset_of
+from minimind.data.packing import IGNORE
 from minimind.data.preference import FORMS, PairBatch, PairRows, read_preferences
 from minimind.engine import Trainer, autocast
 from minimind.errors import ConfigError
@@ -48,7 +51,7 @@ DEFAULT_LR = 5e-7
 # max_seq_len costs nothing for short pairs.
 DPO_DEFAULTS = {"batch_size": 8, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024}
 # Options of the DPO loss; recorded in run.json so that --resume continues with the same ones.
-OPTIONS = {"beta": 0.1, "loss": "sigmoid", "length_norm": False, "precompute_ref": False}
+OPTIONS = {"beta": 0.1, "loss": "sigmoid", "length_norm": False, "precompute_ref": False, "nll_weight": 0.0}
 
 
 def add_arguments(p: Any) -> None:
@@ -65,6 +68,12 @@ def add_arguments(p: Any) -> None:
     flag = dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
     g.add_argument("--precompute-ref", **flag, help="reference log-probs once, before training: one model in memory")
     g.add_argument("--length-norm", **flag, help="average the reply's token log-probs instead of summing them")
+    g.add_argument(
+        "--nll-weight",
+        type=float,
+        metavar="W",
+        help="add W x the chosen reply's mean token NLL (RPO, Pang et al. 2024): keeps chosen replies likely",
+    )
 
 
 def reply_logps(model: nn.Module, batch: PairBatch, length_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,13 +83,26 @@ def reply_logps(model: nn.Module, batch: PairBatch, length_norm: bool) -> tuple[
     return (logp / n.clamp(min=1) if length_norm else logp), out.aux_loss
 
 
+def chosen_nll(chosen_logp: torch.Tensor, batch: PairBatch, length_norm: bool) -> torch.Tensor:
+    """Per pair: -log pi(y_w) / |y_w|, the chosen reply's mean token NLL (RPO's extra term)."""
+    if length_norm:
+        return -chosen_logp
+    n = (batch.labels[: batch.pairs] != IGNORE).sum(-1).clamp(min=1)
+    return -chosen_logp / n
+
+
 class DPOLoss:
     """The engine's loss for DPO: (sum over pairs of L, MoE balance loss, metric sums over pairs)."""
 
-    def __init__(self, beta: float, kind: str, length_norm: bool, reference: nn.Module | None = None):
+    def __init__(
+        self, beta: float, kind: str, length_norm: bool, reference: nn.Module | None = None, nll_weight: float = 0.0
+    ):
         if beta <= 0:
             raise ConfigError("--beta must be positive")
+        if nll_weight < 0:
+            raise ConfigError("--nll-weight must be >= 0")
         self.beta, self.kind, self.length_norm, self.reference = beta, kind, length_norm, reference
+        self.nll_weight = nll_weight
 
     def __call__(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
         policy, aux = reply_logps(model, batch, self.length_norm)
@@ -99,6 +121,8 @@ class DPOLoss:
             "logp_chosen": policy[:B].detach().sum(),
             "logp_rejected": policy[B:].detach().sum(),
         }
+        if self.nll_weight:
+            loss = loss + self.nll_weight * chosen_nll(policy[:B], batch, self.length_norm)
         return loss.sum(), aux, metrics
 
 
@@ -185,7 +209,8 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:
     precompute = opts["precompute_ref"]
     # Precomputing from the starting run itself needs no second copy of it.
     reference = run.model if precompute and ref_dir is None else reference_model(run.model, tok, ref_dir)
-    loss = DPOLoss(opts["beta"], opts["loss"], opts["length_norm"], None if precompute else reference)
+    live_ref = None if precompute else reference
+    loss = DPOLoss(opts["beta"], opts["loss"], opts["length_norm"], live_ref, opts["nll_weight"])
     info = {
         "stage": "dpo",
         "parent": parent,
