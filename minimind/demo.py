@@ -30,7 +30,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--reason-steps", type=int, default=60)
     p.add_argument("--distill-steps", type=int, default=80)
-    p.add_argument("--grpo-steps", type=int, default=120)
+    p.add_argument("--grpo-steps", type=int, default=200)
 
 
 def first_question(conversation: list[dict]) -> tuple[list[dict], str]:
@@ -292,10 +292,10 @@ def distillation(out: Path, files: dict[str, Path], args: Any) -> None:
 
 def reinforcement(out: Path, files: dict[str, Path], args: Any) -> None:
     """GRPO with a rule reward on arithmetic prompts, from the SFT run."""
-    section("13. GRPO: 8 sampled answers per sum, rewarded when right (+ partial credit when close)")
+    section("13. GRPO: 16 sampled answers per sum, rewarded when right (+ partial credit when close)")
     shutil.rmtree(out / "grpo", ignore_errors=True)
     cli("grpo", "--from", out / "sft", "--data", files["rl"], "--eval-data", files["rl_heldout"],
-        "--reward", "rule:math+rule:close", "--out", out / "grpo", "--max-steps", args.grpo_steps, "--batch-size", 16,
-        "--num-generations", 8, "--temperature", 0.7, "--max-new-tokens", 16, "--log-every", 20,
+        "--reward", "rule:math+rule:close", "--out", out / "grpo", "--max-steps", args.grpo_steps, "--batch-size", 8,
+        "--num-generations", 16, "--temperature", 0.7, "--max-new-tokens", 16, "--log-every", 25,
         "--seed", args.seed)  # fmt: skip
     print("   (rule:math: share of the held-out sums answered right; rule:close: 1 - |error| / 10)")
