@@ -219,15 +219,21 @@ def add_arguments(p: Any) -> None:
     )
 
 
-def init_run(preset_name: str, tokenizer: Tokenizer, out: str | Path, seed: int = 42, **overrides: Any) -> MiniMind:
-    """A freshly initialised run directory: the preset's model sized to the tokenizer."""
-    from minimind.config import preset
+def new_model(
+    preset_name: str, tokenizer: Tokenizer, seed: int = 42, min_positions: int = 0, **overrides: Any
+) -> MiniMind:
+    """The preset's model sized to the tokenizer (its special ids too), initialised from `seed`; the
+    position table covers at least `min_positions` (e.g. the training --max-seq-len)."""
+    from minimind.config import PRESETS, preset
 
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
     if overrides["vocab_size"] < tokenizer.vocab_size:
         raise CheckpointError(
             f"vocab_size {overrides['vocab_size']} is smaller than the tokenizer's {tokenizer.vocab_size} ids"
         )
+    if min_positions:
+        table = PRESETS[preset_name].get("max_position_embeddings", 32768)
+        overrides.setdefault("max_position_embeddings", max(table, min_positions))
     cfg = preset(
         preset_name,
         pad_token_id=tokenizer.pad_id,
@@ -236,7 +242,12 @@ def init_run(preset_name: str, tokenizer: Tokenizer, out: str | Path, seed: int 
         **overrides,
     )
     torch.manual_seed(seed)
-    model = MiniMind(cfg)
+    return MiniMind(cfg)
+
+
+def init_run(preset_name: str, tokenizer: Tokenizer, out: str | Path, seed: int = 42, **overrides: Any) -> MiniMind:
+    """A freshly initialised run directory: the preset's model sized to the tokenizer."""
+    model = new_model(preset_name, tokenizer, seed, **overrides)
     save_run(
         out,
         model,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from minimind.checkpoint import Run, load_run
+from minimind.checkpoint import Run, load_run, new_model
 from minimind.config import (
     PRESETS,
     ModelConfig,
@@ -35,7 +35,6 @@ from minimind.config import (
     merge_options,
     preset_of,
 )
-from minimind.config import preset as make_preset
 from minimind.data.packing import IGNORE, Batch, PackedRows, Rows
 from minimind.data.readers import iter_jsonl
 from minimind.data.tokens import tokenize_files
@@ -286,18 +285,7 @@ def student_run(args: Any, cfg: TrainConfig, tok: Tokenizer) -> Run:
         raise ConfigError("--from RUN_DIR or --preset NAME is required (the student), or --resume an existing --out")
     if (Path(cfg.out) / "train_state.pt").exists():
         raise ConfigError(f"{cfg.out} already holds a training run; use --resume to continue it or another --out")
-    positions = max(PRESETS[args.preset].get("max_position_embeddings", 32768), cfg.max_seq_len)
-    model_cfg = make_preset(
-        args.preset,
-        vocab_size=tok.vocab_size,
-        pad_token_id=tok.pad_id,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-        max_position_embeddings=positions,
-        **overrides,
-    )
-    torch.manual_seed(cfg.seed)
-    return Run(MiniMind(model_cfg), tok, {"stage": "init"})
+    return Run(new_model(args.preset, tok, cfg.seed, cfg.max_seq_len, **overrides), tok, {"stage": "init"})
 
 
 def defaults(args: Any, given: TrainConfig) -> dict[str, Any]:

@@ -11,15 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from minimind.checkpoint import Run, load_config
+from minimind.checkpoint import Run, load_config, new_model
 from minimind.config import (
     PRESETS,
     ModelConfig,
     add_dataclass_args,
     dataclass_overrides,
-    preset,
 )
 from minimind.data.packing import PackedRows
 from minimind.data.tokens import tokenize_files
@@ -54,18 +51,8 @@ def main(args: Any) -> None:
             raise ConfigError(f"{out} already holds a training run; use --resume to continue it or another --out")
         tokenizer = Tokenizer.load(args.tokenizer)
         # max_position_embeddings is skipped as a flag: the table must cover --max-seq-len.
-        positions = max(PRESETS[args.preset].get("max_position_embeddings", 32768), cfg.max_seq_len)
-        model_cfg = preset(
-            args.preset,
-            vocab_size=tokenizer.vocab_size,
-            pad_token_id=tokenizer.pad_id,
-            bos_token_id=tokenizer.bos_id,
-            eos_token_id=tokenizer.eos_id,
-            max_position_embeddings=positions,
-            **dataclass_overrides(args, ModelConfig),
-        )
-        torch.manual_seed(cfg.seed)
-        model = MiniMind(model_cfg)
+        overrides = dataclass_overrides(args, ModelConfig)
+        model = new_model(args.preset, tokenizer, cfg.seed, cfg.max_seq_len, **overrides)
     if cfg.max_seq_len > model.cfg.max_position_embeddings:
         raise ConfigError(
             f"max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings "
