@@ -203,7 +203,7 @@ def test_ppo_puts_the_score_at_each_completions_last_token(pipeline, tmp_path):
             texts_scores.append(float(r[-1]))
     flat = torch.cat([b.advantages[b.labels != IGNORE] for b in batches])
     assert abs(float(flat.mean())) < 1e-5 and abs(float(flat.std()) - 1) < 1e-3  # whitened over the rollout
-    # The scores are the reward of each completion: recompute them from the decoded texts.
+    # Each return is a possible total of rule:math (0 or 1) + rule:length without thinking (0 or -0.5).
     assert len(texts_scores) == 8 and set(np.round(texts_scores, 4)) <= {0.0, -0.5, 1.0, 0.5}
 
 

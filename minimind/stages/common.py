@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from minimind.checkpoint import RUN_INFO, Run, load_run
-from minimind.config import TrainConfig, add_dataclass_args, merge_options
+from minimind.config import TrainConfig, add_dataclass_args, merge_options, preset_of
 from minimind.data.packing import Rows
 from minimind.engine import LossFn, RunCheckpoint, Trainer, TrainResult, evaluate_loss, lm_loss
 from minimind.errors import ConfigError
@@ -80,6 +80,21 @@ def start_from(cfg: TrainConfig, parent: str | None) -> Run:
     if Path(parent).resolve() == out.resolve():
         raise ConfigError("--out must differ from --from (the parent run is never overwritten)")
     return load_run(parent)
+
+
+def stage_info(stage: str, cfg: TrainConfig, run: Run, args: Any, **extra: Any) -> dict[str, Any]:
+    """What run.json records of a stage started from a parent run: its parent (kept across --resume),
+    preset, data, tokenizer and seed, plus the stage's own options in `extra`."""
+    parent = run.info.get("parent") if cfg.resume else (str(args.parent) if args.parent else None)
+    return {
+        "stage": stage,
+        "parent": parent,
+        "preset": preset_of(run.cfg),
+        "data": [str(p) for p in args.data],
+        "tokenizer": run.tokenizer.source,
+        "seed": cfg.seed,
+        **extra,
+    }
 
 
 def reference_model(policy: nn.Module, tok: Tokenizer, ref_dir: str | None) -> nn.Module:

@@ -33,7 +33,6 @@ from minimind.config import (
     add_dataclass_args,
     dataclass_overrides,
     merge_options,
-    preset_of,
 )
 from minimind.data.packing import IGNORE, Batch, PackedRows, Rows
 from minimind.data.readers import iter_jsonl
@@ -42,7 +41,7 @@ from minimind.engine import Trainer, autocast
 from minimind.errors import CheckpointError, ConfigError, DataError
 from minimind.losses import kd_kl_sum, token_cross_entropy_sum
 from minimind.model import MiniMind, positions_from
-from minimind.stages.common import add_stage_arguments, fit_and_report, run_info, stage_options, start_from
+from minimind.stages.common import add_stage_arguments, fit_and_report, run_info, stage_info, stage_options, start_from
 from minimind.stages.sft import DEFAULT_LR as SFT_DEFAULT_LR
 from minimind.stages.sft import (
     SFT_DEFAULTS,
@@ -321,15 +320,7 @@ def prepare(args: Any) -> tuple[Trainer, Rows | None, DistillLoss]:
         f"{opts['kd']} KL at T={opts['temperature']:g}, alpha {opts['alpha']:g} on "
         f"{'assistant tokens' if opts['format'] == 'sft' else 'every token'}"
     )
-    info = {
-        "stage": "distill",
-        "parent": run.info.get("parent") if cfg.resume else (str(args.parent) if args.parent else None),
-        "preset": preset_of(run.cfg),
-        "data": [str(p) for p in args.data],
-        "tokenizer": run.tokenizer.source,
-        "seed": cfg.seed,
-        "distill": {**opts, "teacher": str(opts["teacher"])},
-    }
+    info = stage_info("distill", cfg, run, args, distill={**opts, "teacher": str(opts["teacher"])})
     trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, loss)
     teacher.to(trainer.device)
     return trainer, eval_rows, loss

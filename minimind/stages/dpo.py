@@ -24,13 +24,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from minimind.config import TrainConfig, _parse_bool, preset_of
+from minimind.config import TrainConfig, _parse_bool
 from minimind.data.packing import IGNORE
 from minimind.data.preference import FORMS, PairBatch, PairRows, read_preferences
 from minimind.engine import Trainer, autocast
 from minimind.errors import ConfigError
 from minimind.losses import dpo_loss, sequence_logprobs
-from minimind.stages.common import add_stage_arguments, fit_and_report, reference_model, stage_options, start_from
+from minimind.stages.common import (
+    add_stage_arguments,
+    fit_and_report,
+    reference_model,
+    stage_info,
+    stage_options,
+    start_from,
+)
 from minimind.stages.sft import stage_defaults
 from minimind.tokenizer import Tokenizer
 
@@ -201,7 +208,6 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:
     run = start_from(cfg, args.parent)
     opts = {**OPTIONS, **(run.info.get("dpo", {}) if cfg.resume else {})}
     opts.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None})
-    parent = run.info.get("parent") if cfg.resume else str(args.parent)
     ref_dir = args.ref or (run.info.get("reference") if cfg.resume else None)
     tok = run.tokenizer
     rows = pair_rows(args.data, tok, cfg, shifted=True)
@@ -211,16 +217,8 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:
     reference = run.model if precompute and ref_dir is None else reference_model(run.model, tok, ref_dir)
     live_ref = None if precompute else reference
     loss = DPOLoss(opts["beta"], opts["loss"], opts["length_norm"], live_ref, opts["nll_weight"])
-    info = {
-        "stage": "dpo",
-        "parent": parent,
-        "reference": ref_dir or parent,
-        "preset": preset_of(run.cfg),
-        "data": [str(p) for p in args.data],
-        "tokenizer": tok.source,
-        "seed": cfg.seed,
-        "dpo": opts,
-    }
+    info = stage_info("dpo", cfg, run, args, dpo=opts)
+    info["reference"] = ref_dir or info["parent"]
     trainer = Trainer(cfg, run.model.train(), tok, rows, info, loss)
     reference.to(trainer.device)
     for r in (rows, eval_rows) if precompute else (eval_rows,):

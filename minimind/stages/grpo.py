@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minimind.config import TrainConfig, _parse_bool, preset_of
+from minimind.config import TrainConfig, _parse_bool
 from minimind.data.prompts import encode_prompt, read_prompts
 from minimind.engine import Trainer
 from minimind.errors import ConfigError, DataError
@@ -36,7 +36,14 @@ from minimind.rl.rollout import (
     held_out_rewards,
     policy_of,
 )
-from minimind.stages.common import add_stage_arguments, fit_and_report, reference_model, stage_options, start_from
+from minimind.stages.common import (
+    add_stage_arguments,
+    fit_and_report,
+    reference_model,
+    stage_info,
+    stage_options,
+    start_from,
+)
 from minimind.stages.dpo import DEFAULT_LR as DPO_DEFAULT_LR
 from minimind.stages.dpo import DPO_LR
 from minimind.stages.sft import stage_defaults
@@ -116,17 +123,8 @@ def prepare_rl(
     print(f"data: {len(prompts):,} prompts" + (f", {dropped:,} longer than {room} tokens dropped" if dropped else ""))
     held = read_prompts(args.eval_data) if args.eval_data else None
     ref_dir = args.ref or (run.info.get("reference") if cfg.resume else None)
-    parent = run.info.get("parent") if cfg.resume else str(args.parent)
-    info = {
-        "stage": stage,
-        "parent": parent,
-        "reference": ref_dir or parent,
-        "preset": preset_of(run.cfg),
-        "data": [str(p) for p in args.data],
-        "tokenizer": tok.source,
-        "seed": cfg.seed,
-        "rl": vars(opts),
-    }
+    info = stage_info(stage, cfg, run, args, rl=vars(opts))
+    info["reference"] = ref_dir or info["parent"]
     uses_reference = opts.beta > 0 or getattr(opts, "kl", 0) > 0
     reference = reference_model(run.model, tok, ref_dir) if uses_reference else None
     source = lambda t: RolloutSource(t, prompts, ids, reward, opts, advantages(opts), reference, stage_state)

@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from minimind.checkpoint import Run
-from minimind.config import preset_of
 from minimind.data.chat import ChatRows, ChatTokens
 from minimind.data.packing import IGNORE, Batch
 from minimind.engine import Trainer, evaluate_loss
 from minimind.errors import ConfigError, DataError
 from minimind.losses import weighted_token_cross_entropy_sum
-from minimind.stages.common import add_stage_arguments, fit_and_report, stage_options, start_from
+from minimind.stages.common import add_stage_arguments, fit_and_report, stage_info, stage_options, start_from
 from minimind.stages.sft import (
     DEFAULT_LR,
     SFT_DEFAULTS,
@@ -152,15 +151,7 @@ def prepare(args: Any) -> tuple[Trainer, Callable[[], str] | None]:
         f"tags: {n_tags:,} tag tokens in the replies, weighted x{opts['tag_weight']:g}"
         + ("" if single else " (this tokenizer spells the tags in pieces: whole tags are weighted)")
     )
-    info = {
-        "stage": "reason",
-        "parent": run.info.get("parent") if cfg.resume else str(args.parent),
-        "preset": preset_of(run.cfg),
-        "data": [str(p) for p in args.data],
-        "tokenizer": run.tokenizer.source,
-        "seed": cfg.seed,
-        "reason": opts,
-    }
+    info = stage_info("reason", cfg, run, args, reason=opts)
     rows = TagWeightedRows(chat_rows, tags, opts["tag_weight"])
     trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, weighted_loss)
     check = None

@@ -17,7 +17,7 @@ from minimind.checkpoint import CONFIG, Run, load_config
 from minimind.config import TrainConfig, _parse_bool, merge_options, preset_of
 from minimind.data.chat import ChatRows, show_mask, tokenize_conversations
 from minimind.errors import ConfigError
-from minimind.stages.common import add_stage_arguments, stage_options, start_from, train
+from minimind.stages.common import add_stage_arguments, stage_info, stage_options, start_from, train
 from minimind.tokenizer import Tokenizer
 
 # Default SFT learning rate by preset. Upstream uses 5e-7 (MiniMind2, trainer/train_full_sft.py at
@@ -111,12 +111,4 @@ def main(args: Any) -> None:
     )
     run = start_from(cfg, args.parent)
     rows, eval_rows = conversation_rows(args, cfg, run)
-    info = {
-        "stage": "sft",
-        "parent": run.info.get("parent") if cfg.resume else str(args.parent),
-        "preset": preset_of(run.cfg),
-        "data": [str(p) for p in args.data],
-        "tokenizer": run.tokenizer.source,
-        "seed": cfg.seed,
-    }
-    train(cfg, run, rows, info, eval_rows)
+    train(cfg, run, rows, stage_info("sft", cfg, run, args), eval_rows)
