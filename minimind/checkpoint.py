@@ -86,6 +86,11 @@ def load_weights(model: MiniMind, path: str | Path) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    load_tensors(model, tensors, str(path))
+
+
+def load_tensors(model: MiniMind, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load of named tensors (the tied head may be absent); errors name `source` and the tensors."""
     expected = model.state_dict()
     names = set(weight_names(model))
     missing, extra = sorted(names - tensors.keys()), sorted(tensors.keys() - names)
@@ -100,7 +105,8 @@ def load_weights(model: MiniMind, path: str | Path) -> None:
             f"unexpected tensors {extra}" if extra else "",
             f"wrong shapes {wrong}" if wrong else "",
         ]
-        raise CheckpointError(f"{path}: does not match config.json: " + "; ".join(p for p in parts if p))
+        raise CheckpointError(f"{source}: does not match config.json: " + "; ".join(p for p in parts if p))
+    tensors = dict(tensors)
     if model.cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True)
@@ -111,18 +117,32 @@ def save_config(cfg: ModelConfig, run_dir: str | Path) -> None:
     atomic_write_text(Path(run_dir) / CONFIG, json.dumps(data, indent=2))
 
 
-def load_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
+def read_config_json(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG}); create one with `minimind init`")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if data.pop("model_type", None) != "minimind":
-        raise CheckpointError(f"{path}: not a MiniMind config (model_type is not 'minimind')")
-    version = data.pop("format_version", None)
+
+
+def is_transformers_folder(data: dict[str, Any]) -> bool:
+    """A config.json that is not our run format (ours: model_type minimind with a format_version)."""
+    return data.get("model_type") != "minimind" or "format_version" not in data
+
+
+def load_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a run directory, or of a transformers folder (minimind.export.hf)."""
+    data = read_config_json(run_dir)
+    if is_transformers_folder(data):
+        from minimind.export.hf import hf_model_config
+
+        return hf_model_config(run_dir, data, **overrides)
+    data.pop("model_type")
+    version = data.pop("format_version")
     if version != FORMAT_VERSION:
+        path = Path(run_dir) / CONFIG
         raise CheckpointError(f"{path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
     return ModelConfig.from_dict({**data, **overrides})
 
@@ -185,9 +205,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **config_o
     """Model (in eval mode, on `device`), tokenizer and provenance of a run directory.
 
     config_overrides change inference-time settings such as rope_scaling / rope_factor; they
-    may not change any tensor's shape (strict loading would refuse it).
+    may not change any tensor's shape (strict loading would refuse it). A transformers folder
+    (our export, Llama, Qwen3, Qwen3-MoE, GraniteMoeShared, upstream MiniMind) loads too, converted exactly.
     """
     run_dir = Path(run_dir)
+    if is_transformers_folder(read_config_json(run_dir)):
+        from minimind.export.hf import load_hf_run
+
+        return load_hf_run(run_dir, device, **config_overrides)
     cfg = load_config(run_dir, **config_overrides)
     model = MiniMind(cfg)
     load_weights(model, run_dir / WEIGHTS)

@@ -172,6 +172,14 @@ class RowBatches:
             )
         return len(self.rows) // per_step
 
+    def describe(self) -> str:
+        """What one optimizer step consumes (the trainer's start line)."""
+        c = self.cfg
+        return (
+            f"{c.batch_size}x{c.accumulation}x{self.world} rows x {c.max_seq_len} tokens "
+            f"({len(self.rows)} rows in the data)"
+        )
+
     def next_step(self) -> list[Batch]:
         B = self.cfg.batch_size
         out = []
@@ -285,8 +293,7 @@ class Trainer:
             print(
                 f"training {self.model.num_params() / 1e6:.2f}M params ({c.num_layers}x{c.hidden_size}) on "
                 f"{self.device} {str(self.dtype).replace('torch.', '')} x{self.world}: {self.total_steps} steps "
-                f"of {cfg.batch_size}x{cfg.accumulation}x{self.world} rows x {cfg.max_seq_len} tokens "
-                f"({len(self.rows)} rows in the data){f', resuming at step {self.step}' if self.step else ''}"
+                f"of {self.source.describe()}{f', resuming at step {self.step}' if self.step else ''}"
             )
         start, window_start = time.perf_counter(), time.perf_counter()
         window_loss = torch.zeros((), device=self.device)

@@ -113,9 +113,13 @@ def generate(
     model: MiniMind,
     prompts: list[list[int]],
     params: SamplingParams,
-    on_token: Callable[[int, int], None] | None = None,
+    on_token: Callable[[int, int], bool | None] | None = None,
 ) -> GenerateOutput:
-    """Continue every prompt; `on_token(row, token_id)` is called as each token is chosen."""
+    """Continue every prompt; `on_token(row, token_id)` is called as each token is chosen.
+
+    `on_token` may return True to end that row after this token (finish reason "stop"): the server
+    uses it for stop strings. An exception it raises aborts the whole generation (a cancelled request).
+    """
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
@@ -158,11 +162,15 @@ def generate(
         if seen is not None:
             seen.scatter_(1, tokens[:, None], ~done[:, None])
         hit = torch.isin(tokens, stop) & ~done
-        lengths = torch.where(hit, step + 1, lengths)
         if on_token is not None:
-            for row, (tok, was_done) in enumerate(zip(tokens.tolist(), done.tolist())):
-                if not was_done:
-                    on_token(row, tok)
+            ended = [
+                row
+                for row, (tok, was_done) in enumerate(zip(tokens.tolist(), done.tolist()))
+                if not was_done and on_token(row, tok)
+            ]
+            if ended:  # the callback ended these rows (e.g. a stop string appeared)
+                hit[ended] = True
+        lengths = torch.where(hit, step + 1, lengths)
         done = done | hit
         # Checking for the end costs a host sync: do it every step only when already syncing.
         if (on_token is not None or step % 8 == 7) and bool(done.all()):

@@ -303,17 +303,30 @@ def write_demo_data(out: str | Path, scale: float = 1.0) -> dict[str, Path]:
     return files
 
 
-# ---- CLI: minimind data demo --out DIR ---------------------------------------------------------
+# ---- CLI: minimind data demo --out DIR | minimind data download NAME... -----------------------
 
 
 def add_arguments(p: Any) -> None:
+    from minimind.data.download import add_download_arguments
+
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     demo = sub.add_parser("demo", help="write the built-in default data set (every format, with held-out splits)")
     demo.add_argument("--out", required=True, metavar="DIR")
     demo.add_argument("--scale", type=float, default=1.0, help="multiply every data set's size")
+    download = sub.add_parser(
+        "download",
+        help="fetch upstream MiniMind's data sets (Hugging Face or ModelScope), verified and checked",
+        description="Fetch upstream MiniMind's published data files, verify their checksums, read every record.",
+    )
+    add_download_arguments(download)
 
 
 def main(args: Any) -> None:
+    if args.data_command == "download":
+        from minimind.data.download import main as download
+
+        download(args)
+        return
     files = write_demo_data(args.out, args.scale)
     for name, path in files.items():
         lines = sum(1 for _ in open(path, encoding="utf-8"))

@@ -191,6 +191,14 @@ class RolloutSource:
             raise ConfigError(f"--accumulation {self.cfg.accumulation} must be a multiple of --minibatches")
         return len(self.prompts) // per_rollout * self.opts.ppo_epochs * self.minibatches
 
+    def describe(self) -> str:
+        o = self.opts
+        per_rollout = o.ppo_epochs * self.minibatches
+        return (
+            f"{self.prompts_per_step()}x{self.t.world} prompts x {o.num_generations} samples of <= {o.max_new_tokens} "
+            f"new tokens, {per_rollout} step{'s' if per_rollout > 1 else ''} per rollout ({len(self.prompts)} prompts)"
+        )
+
     @property
     def minibatches(self) -> int:
         return getattr(self.opts, "minibatches", 1)
