@@ -133,10 +133,10 @@ def is_transformers_folder(data: dict[str, Any]) -> bool:
 
 
 def load_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of a run directory, or of a transformers folder (minimind.export.hf)."""
+    """The ModelConfig of a run directory, or of a transformers folder (minimind.export.hf_import)."""
     data = read_config_json(run_dir)
     if is_transformers_folder(data):
-        from minimind.export.hf import hf_model_config
+        from minimind.export.hf_import import hf_model_config
 
         return hf_model_config(run_dir, data, **overrides)
     data.pop("model_type")
@@ -210,7 +210,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **config_o
     """
     run_dir = Path(run_dir)
     if is_transformers_folder(read_config_json(run_dir)):
-        from minimind.export.hf import load_hf_run
+        from minimind.export.hf_import import load_hf_run
 
         return load_hf_run(run_dir, device, **config_overrides)
     cfg = load_config(run_dir, **config_overrides)

@@ -153,6 +153,7 @@ def main(args: Any) -> None:
     preference_and_reasoning(out, files, args)
     distillation(out, files, args)
     reinforcement(out, files, args)
+    interop(out)
 
     section("done")
     print(f"finished in {time.perf_counter() - t0:.0f} s. Every step above is one command; see README.md.")
@@ -299,3 +300,36 @@ def reinforcement(out: Path, files: dict[str, Path], args: Any) -> None:
         "--num-generations", 16, "--temperature", 0.7, "--max-new-tokens", 16, "--log-every", 25,
         "--seed", args.seed)  # fmt: skip
     print("   (rule:math: share of the held-out sums answered right; rule:close: 1 - |error| / 10)")
+
+
+def interop(out: Path) -> None:
+    """The SFT model leaves MiniMind: a transformers folder and a GGUF file, each asked one question."""
+    import importlib.util
+
+    section("14. export: transformers folder and GGUF for llama.cpp / ollama, then how to serve")
+    sft = load_run(out / "sft")
+    question = [{"role": "user", "content": "What is 21 + 14?"}]
+    ids = sft.tokenizer.encode_chat(question, add_generation_prompt=True)
+    ours = generate(sft.model, [ids], SamplingParams(max_new_tokens=16, temperature=0, stop_ids=sft.tokenizer.stop_ids))
+    print(f"   MiniMind greedy answer: {sft.tokenizer.decode(ours.generations[0].tokens, skip_special_tokens=True)!r}")
+    shutil.rmtree(out / "hf", ignore_errors=True)
+    cli("export", out / "sft", "--format", "hf", "--out", out / "hf")
+    if importlib.util.find_spec("transformers"):
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+        hf_tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+        hf_ids = hf_tok.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            got = model.generate(torch.tensor([hf_ids]), max_new_tokens=16, do_sample=False)[0, len(hf_ids) :]
+        answer = hf_tok.decode(got, skip_special_tokens=True)
+        print(f"   transformers ({type(model).__name__}, same prompt ids: {hf_ids == ids}) greedy answer: {answer!r}")
+    cli("export", out / "sft", "--format", "gguf", "--out", out / "minimind-sft.gguf", "--dtype", "f32")
+    if importlib.util.find_spec("llama_cpp"):
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(out / "minimind-sft.gguf"), n_ctx=256, verbose=False)
+        got = llm.create_completion(ids, max_tokens=16, temperature=0)["choices"][0]["text"]
+        llm.close()
+        print(f"   llama.cpp greedy answer: {got!r}")
+    print(f"   serve it (OpenAI API + web chat at http://127.0.0.1:8998/): minimind serve {out / 'sft'}")

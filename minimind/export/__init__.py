@@ -1,7 +1,7 @@
 """`minimind export RUN_DIR --format hf|gguf --out PATH`: take a run out of MiniMind.
 
 - `hf`: a transformers folder (`minimind.export.hf.export_hf`) that `AutoModelForCausalLM` loads
-  offline; `--from DIR` of any stage reads such a folder back (`minimind.export.hf.load_hf_run`).
+  offline; `--from DIR` of any stage reads such a folder back (`minimind.export.hf_import.load_hf_run`).
 - `gguf`: one .gguf file for llama.cpp / ollama (`minimind.export.gguf.export_gguf`), with an
   ollama Modelfile next to it.
 """
