@@ -31,7 +31,7 @@ from minimind.tokenizer import StreamDecoder, Tokenizer
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def _tag_prefix(text: str, tag: str) -> int:
+def tag_prefix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper beginning of `tag`."""
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
@@ -68,7 +68,7 @@ class ThinkFilter:
                 out.append((self.kind, self.buffer[:at]))
             self.buffer = self.buffer[at + len(tag) :]
             self.in_think = tag == THINK_OPEN  # a stray tag (</think> outside a block) is just dropped
-        hold = max(_tag_prefix(self.buffer, tag) for tag in (THINK_OPEN, THINK_CLOSE))
+        hold = max(tag_prefix(self.buffer, tag) for tag in (THINK_OPEN, THINK_CLOSE))
         ready, self.buffer = self.buffer[: len(self.buffer) - hold], self.buffer[len(self.buffer) - hold :]
         if ready:
             out.append((self.kind, ready))

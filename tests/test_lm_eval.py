@@ -46,7 +46,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-CHAT = dict(text="{{question}}", choice="{{ choices | list }}")
+CHAT = dict(text="{{question}}", choice="{{ choices | map('regex_replace', '$', '<|im_end|>') | list }}")
 PLAIN = dict(text="Question: {{question}}\\nAnswer:", choice="choices")
 
 
@@ -79,9 +79,7 @@ def test_lm_eval_cli_on_chat_export_scores_like_minimind_eval(pipeline, tmp_path
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={hf},dtype=float32"]
     cmd += ["--tasks", "minimind_mc", "--include_path", str(tasks), "--apply_chat_template", "--device", "cpu"]
     cmd += ["--batch_size", "8", "--output_path", str(tmp_path / "out"), "--log_samples"]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (results,) = (tmp_path / "out").rglob("results_*.json")
     (samples,) = (tmp_path / "out").rglob("samples_minimind_mc_*.jsonl")
@@ -109,7 +107,7 @@ def test_lm_eval_api_on_plain_export_scores_like_minimind_eval(pipeline, tmp_pat
     tasks = write_task(tmp_path / "tasks", "minimind_mc_plain", data, PLAIN)
     result = simple_evaluate(
         model="hf",
-        model_args=f"pretrained={hf},dtype=float32",
+        model_args=f"pretrained={hf},dtype=float32,add_bos_token=True",
         tasks=["minimind_mc_plain"],
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
         device="cpu",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minimind.chat import ThinkFilter, _tag_prefix
+from minimind.chat import ThinkFilter, tag_prefix
 from minimind.serve.tools import TOOL_CALL_OPEN, parse_tool_calls
 from minimind.tokenizer import StreamDecoder, Tokenizer
 
@@ -34,7 +34,7 @@ class StopStrings:
         if hits:
             out, self.buffer = self.buffer[: min(hits)], ""
             return out, True
-        hold = max((_tag_prefix(self.buffer, s) for s in self.stops), default=0)
+        hold = max((tag_prefix(self.buffer, s) for s in self.stops), default=0)
         out, self.buffer = self.buffer[: len(self.buffer) - hold], self.buffer[len(self.buffer) - hold :]
         return out, False
 
@@ -133,7 +133,7 @@ class ChoiceText:
         if at >= 0:
             self.held = text[at:]
             return text[:at]
-        hold = _tag_prefix(text, TOOL_CALL_OPEN)
+        hold = tag_prefix(text, TOOL_CALL_OPEN)
         self.tail = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]
 
