@@ -68,7 +68,9 @@ def check_same_scores(samples: list[dict], ours: dict, offsets: list[float]) -> 
     assert len(samples) == len(ours["items"]) == len(offsets)
     for sample, item, offset in zip(samples, ours["items"], offsets):
         theirs = [float(resp[0]) for resp in sample["filtered_resps"]]
-        assert theirs == pytest.approx([s + offset for s in item["scores"]], rel=1e-5, abs=1e-4), item["where"]
+        # Tight on purpose: a trained model ends a reply with <|im_end|> almost surely, so choices scored
+        # without it differ by only ~3e-4; honest float32 differences stay near 3e-5.
+        assert theirs == pytest.approx([s + offset for s in item["scores"]], rel=0, abs=1e-4), item["where"]
         assert bool(sample["acc"]) == item["correct"], item["where"]
 
 
