@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("minimind.tokenizer", "train a byte-level BPE tokenizer on text files"),
     "init": ("minimind.checkpoint", "create a freshly initialised run directory from a preset"),
     "generate": ("minimind.generate", "continue a prompt with a run's model (KV-cached sampling)"),
-    "data": ("minimind.data.demo", "data tools: `minimind data demo --out DIR` writes the built-in data set"),
+    "data": ("minimind.data.demo", "data sets: `demo` writes the built-in one, `download NAME...` fetches upstream's"),
     "pretrain": ("minimind.stages.pretrain", "pretrain a model on packed text (next-token prediction)"),
     "sft": ("minimind.stages.sft", "supervised fine-tuning on conversations (loss on assistant replies only)"),
     "lora": ("minimind.stages.lora", "train a LoRA adapter (`minimind lora merge` folds one into the weights)"),
