@@ -28,7 +28,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--sft-steps", type=int, default=300)
     p.add_argument("--lora-steps", type=int, default=80)
     p.add_argument("--dpo-steps", type=int, default=60)
-    p.add_argument("--reason-steps", type=int, default=60)
+    p.add_argument("--reason-steps", type=int, default=300)
     p.add_argument("--distill-steps", type=int, default=80)
     p.add_argument("--grpo-steps", type=int, default=200)
 
@@ -300,6 +300,21 @@ def reinforcement(out: Path, files: dict[str, Path], args: Any) -> None:
         "--num-generations", 16, "--temperature", 0.7, "--max-new-tokens", 16, "--log-every", 25,
         "--seed", args.seed)  # fmt: skip
     print("   (rule:math: share of the held-out sums answered right; rule:close: 1 - |error| / 10)")
+    from minimind.data.prompts import read_prompts
+    from minimind.rl.rewards import parse_reward
+    from minimind.rl.rollout import RLOptions, held_out_rewards
+
+    sft, grpo = load_run(out / "sft"), load_run(out / "grpo")
+    opts, reward = RLOptions(max_new_tokens=16), parse_reward("rule:math")
+    for name, path in (
+        ("practised (200 of the RL prompts)", files["rl"]),
+        ("never seen (held-out sums)", files["rl_heldout"]),
+    ):
+        prompts = read_prompts([path])[:200]
+        before, after = (
+            held_out_rewards(r.model, r.tokenizer, prompts, reward, opts)["greedy"]["reward"] for r in (sft, grpo)
+        )
+        print(f"   greedy sums right, {name}: SFT {before:.1%} -> GRPO {after:.1%}")
 
 
 def interop(out: Path) -> None:

@@ -79,7 +79,7 @@ def test_reason_makes_held_out_replies_follow_the_format(pipeline, tmp_path):
     f = pipeline["files"]
     log = _run_cli(
         "reason", "--from", pipeline["sft"], "--data", f["reason"], "--eval-data", f["reason_heldout"],
-        "--out", tmp_path / "reason", "--max-steps", 40, "--warmup-steps", 5, "--max-seq-len", 128,
+        "--out", tmp_path / "reason", "--max-steps", 60, "--warmup-steps", 5, "--max-seq-len", 128,
         "--batch-size", 16, "--log-every", 20, "--format-tokens", 64, "--seed", 0,
     )  # fmt: skip
     shares = [int(x) for x in re.findall(r"format (\d+)% of", log)]

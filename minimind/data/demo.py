@@ -3,13 +3,16 @@
 A small made-up world described in short English and Chinese sentences (who lives where, what
 colour things are, what animals eat), plus arithmetic written out in words and digits. The facts
 are fixed by the seed, so a model can actually learn them, and a held-out split uses the same
-facts in sentences the model never saw, so learning can be measured.
+facts in sentences the model never saw, so learning can be measured. Sums are split by their pair of
+numbers: a sum asked in a held-out file never appears in any training file (`held_out_sum`), so a
+held-out score on arithmetic measures adding, not remembering.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,7 @@ class World:
         self.home = {i: rng.randrange(len(TOWNS)) for i in range(len(NAMES))}
         self.pet = {i: rng.randrange(len(ANIMALS)) for i in range(len(NAMES))}
 
-    def sentences(self, rng: random.Random) -> list[str]:
+    def sentences(self, rng: random.Random, held_out: bool = False) -> list[str]:
         """One short paragraph of true statements about the world, in English or Chinese."""
         out = []
         for _ in range(rng.randint(2, 4)):
@@ -74,7 +77,7 @@ class World:
                 color = COLORS[THING_COLOR[thing[0]]]
                 out.append(rng.choice([f"The {thing[0]} is {color[0]}.", f"{thing[1]}是{color[1]}的。"]))
             elif kind == 3:
-                a, b = rng.randint(0, 5), rng.randint(0, 5)
+                a, b = sum_pair(rng, (0, 5), (0, 5), held_out)
                 out.append(
                     rng.choice(
                         [
@@ -85,7 +88,7 @@ class World:
                     )
                 )
             elif kind == 4:
-                a, b = rng.randint(10, 60), rng.randint(1, 39)
+                a, b = sum_pair(rng, (10, 60), (1, 39), held_out)
                 out.append(rng.choice([f"{a} + {b} = {a + b}.", f"{a + b} - {b} = {a}."]))
             else:
                 name = rng.choice(ASSISTANTS)
@@ -102,9 +105,9 @@ class World:
         return [" ".join(out)]
 
 
-def pretrain_texts(n: int, seed: int) -> list[str]:
+def pretrain_texts(n: int, seed: int, held_out: bool = False) -> list[str]:
     world, rng = World(0), random.Random(seed)
-    return [s for _ in range(n) for s in world.sentences(rng)]
+    return [s for _ in range(n) for s in world.sentences(rng, held_out)]
 
 
 SYSTEM_PROMPTS = [
@@ -114,7 +117,29 @@ SYSTEM_PROMPTS = [
 ]
 
 
-def qa_pair(world: World, rng: random.Random) -> tuple[str, str, str]:
+def held_out_sum(a: int, b: int) -> bool:
+    """True for the (a, b) pairs kept for held-out files: one pair in five, chosen by a hash of the pair
+    (a rule on digits alone would hold out whole ones-digit combinations that training never shows).
+
+    >>> [held_out_sum(a, 7) for a in range(20, 26)]
+    [False, False, False, True, False, False]
+    """
+    return zlib.crc32(f"{a}+{b}".encode()) % 5 == 0
+
+
+def sum_pair(rng: random.Random, a_range: tuple[int, int], b_range: tuple[int, int], held_out: bool) -> tuple[int, int]:
+    """A random (a, b) from the ranges on the requested side of the split. A pair on the wrong side
+    moves to the next b (then a) instead of drawing again, so the generator's stream, and so every
+    other record of the file, is the same whichever side is asked for."""
+    (a0, a1), (b0, b1) = a_range, b_range
+    a, b = rng.randint(a0, a1), rng.randint(b0, b1)
+    while held_out_sum(a, b) != held_out:
+        b = b + 1 if b < b1 else b0
+        a = a if b != b0 else (a + 1 if a < a1 else a0)
+    return a, b
+
+
+def qa_pair(world: World, rng: random.Random, held_out: bool = False) -> tuple[str, str, str]:
     """(question, correct answer, a wrong answer) about the world or about arithmetic."""
     kind = rng.randrange(4)
     i = rng.randrange(len(NAMES))
@@ -135,32 +160,32 @@ def qa_pair(world: World, rng: random.Random) -> tuple[str, str, str]:
         animal = ANIMALS[world.pet[i]]
         wrong = ANIMALS[(world.pet[i] + rng.randrange(1, len(ANIMALS))) % len(ANIMALS)]
         return f"What pet does {NAMES[i]} have?", f"{NAMES[i]} has a {animal[0]}.", f"{NAMES[i]} has a {wrong[0]}."
-    a, b = rng.randint(0, 60), rng.randint(0, 39)
+    a, b = sum_pair(rng, (0, 60), (0, 39), held_out)
     wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
     if kind == 2:
         return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", f"{a} + {b} = {wrong}."
     return f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。", f"{a}加{b}等于{wrong}。"
 
 
-def sft_records(n: int, seed: int) -> list[dict]:
+def sft_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Conversations: single and multi-turn, some with a system prompt."""
     world, rng = World(0), random.Random(seed)
     out = []
     for _ in range(n):
         msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
         for _ in range(rng.choice([1, 1, 2, 3])):
-            q, a, _ = qa_pair(world, rng)
+            q, a, _ = qa_pair(world, rng, held_out)
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         out.append({"conversations": msgs})
     return out
 
 
-def dpo_records(n: int, seed: int) -> list[dict]:
+def dpo_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Preference pairs: the same question, a correct (chosen) and a wrong (rejected) answer."""
     world, rng = World(0), random.Random(seed)
     out = []
     for _ in range(n):
-        q, good, bad = qa_pair(world, rng)
+        q, good, bad = qa_pair(world, rng, held_out)
         prompt = [{"role": "user", "content": q}]
         out.append(
             {
@@ -171,12 +196,12 @@ def dpo_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-def rl_records(n: int, seed: int) -> list[dict]:
+def rl_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Arithmetic prompts whose answer a rule can check; the assistant turn is a placeholder."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = rng.randint(0, 60), rng.randint(0, 39)
+        a, b = sum_pair(rng, (0, 60), (0, 39), held_out)
         q = rng.choice([f"What is {a} + {b}?", f"{a}加{b}等于多少？"])
         out.append(
             {
@@ -187,12 +212,12 @@ def rl_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-def reasoning_records(n: int, seed: int) -> list[dict]:
+def reasoning_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Arithmetic with a worked trace: <think> digit by digit </think><answer> result </answer>."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = rng.randint(10, 60), rng.randint(10, 39)
+        a, b = sum_pair(rng, (10, 60), (10, 39), held_out)
         ones, carry = (a % 10 + b % 10) % 10, (a % 10 + b % 10) // 10
         tens = a // 10 + b // 10 + carry
         think = (
@@ -214,7 +239,7 @@ def reasoning_records(n: int, seed: int) -> list[dict]:
 IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "你是谁？", "你叫什么名字？"]
 
 
-def identity_records(n: int, seed: int, name: str = "Lumi") -> list[dict]:
+def identity_records(n: int, seed: int, name: str = "Lumi", held_out: bool = False) -> list[dict]:
     """Identity Q&A for a LoRA adapter (the model learns a new name), mixed 1:1 with ordinary
     questions so that the adapter learns *when* to say its name instead of saying it to everything."""
     world, rng = World(0), random.Random(seed)
@@ -229,12 +254,12 @@ def identity_records(n: int, seed: int, name: str = "Lumi") -> list[dict]:
             q = rng.choice(IDENTITY_QUESTIONS)
             a = rng.choice([a for a in answers if (q[0] > "~") == (a[0] > "~")])
         else:
-            q, a, _ = qa_pair(world, rng)
+            q, a, _ = qa_pair(world, rng, held_out)
         out.append({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     return out
 
 
-def mc_records(n: int, seed: int) -> list[dict]:
+def mc_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Multiple choice for `minimind eval --task mc`: a question, four answers, one right."""
     world, rng = World(0), random.Random(seed)
     out = []
@@ -249,7 +274,7 @@ def mc_records(n: int, seed: int) -> list[dict]:
             options = [f"{NAMES[i]} has a {a[0]}." for a in ANIMALS]
             good = options[world.pet[i]]
         else:
-            a, b = rng.randint(0, 60), rng.randint(0, 39)
+            a, b = sum_pair(rng, (0, 60), (0, 39), held_out)
             q = f"What is {a} + {b}?"
             options = [f"{a} + {b} = {a + b + d}." for d in (-10, -2, -1, 0, 1, 2, 10)]
             good = options[3]
@@ -259,12 +284,12 @@ def mc_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-def math_records(n: int, seed: int) -> list[dict]:
+def math_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Word-free arithmetic in GSM8K's answer format (`#### N`) for `minimind eval --task gsm8k`."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = rng.randint(0, 60), rng.randint(0, 39)
+        a, b = sum_pair(rng, (0, 60), (0, 39), held_out)
         out.append(
             {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
         )
@@ -278,9 +303,9 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-# name -> (generator, train size, held-out size); held-out files use another seed.
+# name -> (generator, train size, held-out size); held-out files use another seed and the held-out sums.
 DATASETS = {
-    "pretrain": (lambda n, seed: [{"text": t} for t in pretrain_texts(n, seed)], 4000, 200),
+    "pretrain": (lambda n, seed, held_out: [{"text": t} for t in pretrain_texts(n, seed, held_out)], 4000, 200),
     "sft": (sft_records, 3000, 200),
     "dpo": (dpo_records, 1500, 100),
     "rl": (rl_records, 500, 200),
@@ -298,8 +323,8 @@ def write_demo_data(out: str | Path, scale: float = 1.0) -> dict[str, Path]:
     for name, (make, n_train, n_held) in DATASETS.items():
         files[name] = out / f"{name}.jsonl"
         files[f"{name}_heldout"] = out / f"{name}_heldout.jsonl"
-        write_jsonl(files[name], make(max(1, int(n_train * scale)), 1))
-        write_jsonl(files[f"{name}_heldout"], make(max(1, int(n_held * scale)), 2))
+        write_jsonl(files[name], make(max(1, int(n_train * scale)), 1, held_out=False))
+        write_jsonl(files[f"{name}_heldout"], make(max(1, int(n_held * scale)), 2, held_out=True))
     return files
 
 
