@@ -25,12 +25,12 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--lora-steps", type=int, default=80)
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--reason-steps", type=int, default=300)
     p.add_argument("--distill-steps", type=int, default=80)
-    p.add_argument("--grpo-steps", type=int, default=200)
+    p.add_argument("--grpo-steps", type=int, default=300)
 
 
 def first_question(conversation: list[dict]) -> tuple[list[dict], str]:
@@ -307,10 +307,10 @@ def reinforcement(out: Path, files: dict[str, Path], args: Any) -> None:
     sft, grpo = load_run(out / "sft"), load_run(out / "grpo")
     opts, reward = RLOptions(max_new_tokens=16), parse_reward("rule:math")
     for name, path in (
-        ("practised (200 of the RL prompts)", files["rl"]),
+        ("practised (400 of the RL prompts)", files["rl"]),
         ("never seen (held-out sums)", files["rl_heldout"]),
     ):
-        prompts = read_prompts([path])[:200]
+        prompts = read_prompts([path])[:400]
         before, after = (
             held_out_rewards(r.model, r.tokenizer, prompts, reward, opts)["greedy"]["reward"] for r in (sft, grpo)
         )

@@ -213,11 +213,12 @@ def rl_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
 
 
 def reasoning_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
-    """Arithmetic with a worked trace: <think> digit by digit </think><answer> result </answer>."""
+    """Arithmetic with a worked trace: <think> digit by digit </think><answer> result </answer>.
+    A one-digit number has tens digit 0 in the trace (`5 + 23`: "... 0 + 2 + 0 = 2 ...")."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = sum_pair(rng, (10, 60), (10, 39), held_out)
+        a, b = sum_pair(rng, (0, 60), (0, 39), held_out)
         ones, carry = (a % 10 + b % 10) % 10, (a % 10 + b % 10) // 10
         tens = a // 10 + b // 10 + carry
         think = (
@@ -308,7 +309,7 @@ DATASETS = {
     "pretrain": (lambda n, seed, held_out: [{"text": t} for t in pretrain_texts(n, seed, held_out)], 4000, 200),
     "sft": (sft_records, 3000, 200),
     "dpo": (dpo_records, 1500, 100),
-    "rl": (rl_records, 500, 200),
+    "rl": (rl_records, 500, 400),
     "reason": (reasoning_records, 1500, 100),
     "identity": (identity_records, 600, 40),
     "mc": (mc_records, 200, 100),
