@@ -113,9 +113,10 @@ def test_demo_sums_in_held_out_files_never_appear_in_training_files(tmp_path):
     """Every sum a held-out file asks (questions, answers, pretraining sentences) is a pair that no training
     file contains, so held-out arithmetic scores measure adding, not remembering; and the split does not
     disturb the rest of a file: its non-arithmetic records are the same whichever side is asked for."""
+    import random
     import re
 
-    from minimind.data.demo import held_out_sum, sft_records, write_demo_data
+    from minimind.data.demo import held_out_sum, sft_records, sum_pair, write_demo_data
 
     files = write_demo_data(tmp_path, scale=0.3)
     seen: dict[bool, set] = {False: set(), True: set()}
@@ -130,3 +131,5 @@ def test_demo_sums_in_held_out_files_never_appear_in_training_files(tmp_path):
     assert all(held_out_sum(a, b) for a, b in seen[True]) and not any(held_out_sum(a, b) for a, b in seen[False])
     words = lambda recs: [r for r in recs if not re.search(r"\d", json.dumps(r, ensure_ascii=False))]
     assert words(sft_records(200, 1, held_out=False)) == words(sft_records(200, 1, held_out=True))
+    with pytest.raises(ValueError, match="no pair in"):  # a range with nothing on that side: an error, not a hang
+        sum_pair(random.Random(0), (3, 3), (4, 4), held_out=not held_out_sum(3, 4))

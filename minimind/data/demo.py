@@ -133,10 +133,12 @@ def sum_pair(rng: random.Random, a_range: tuple[int, int], b_range: tuple[int, i
     other record of the file, is the same whichever side is asked for."""
     (a0, a1), (b0, b1) = a_range, b_range
     a, b = rng.randint(a0, a1), rng.randint(b0, b1)
-    while held_out_sum(a, b) != held_out:
+    for _ in range((a1 - a0 + 1) * (b1 - b0 + 1)):
+        if held_out_sum(a, b) == held_out:
+            return a, b
         b = b + 1 if b < b1 else b0
         a = a if b != b0 else (a + 1 if a < a1 else a0)
-    return a, b
+    raise ValueError(f"no pair in {a_range} x {b_range} is on the {'held-out' if held_out else 'training'} side")
 
 
 def qa_pair(world: World, rng: random.Random, held_out: bool = False) -> tuple[str, str, str]:
