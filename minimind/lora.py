@@ -28,6 +28,7 @@ from torch import nn
 
 from minimind.checkpoint import atomic_write, atomic_write_text
 from minimind.errors import CheckpointError, ConfigError
+from minimind.model import Linear, linear
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,18 +75,18 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scaling * update
+        return linear(x, self.weight, self.bias) + self.scaling * update
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function (W + (alpha/r) B A)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear.to(device=self.weight.device, dtype=self.weight.dtype)
+        """A plain linear layer computing the same function (W + (alpha/r) B A)."""
+        merged = Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        merged.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-            linear.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+            merged.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
             if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+                merged.bias.copy_(self.bias)
+        return merged
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,0 +1,124 @@
+"""The native decode kernel (minimind/csrc/decode_gemm.c) against torch: values, determinism, when it is
+used, and the fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import sharp_model
+
+from minimind import native
+from minimind.generate import SamplingParams, generate
+
+needs_kernel = pytest.mark.skipif(
+    not native.supported() or shutil.which("cc") is None, reason="needs Linux x86-64 with AVX2 and a C compiler"
+)
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A kernel state of its own, built into a temporary cache."""
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", "unloaded")
+    monkeypatch.setattr(native, "_kernel", None)
+    return tmp_path
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "rows,k,n",
+    [(16, 512, 1408), (16, 1408, 512), (16, 64, 6400), (1, 96, 30), (5, 37, 11), (17, 100, 7), (32, 8, 3), (4, 3, 2)],
+)
+def test_kernel_equals_a_float64_reference(rows, k, n):
+    """Every tile shape and tail: rows not a multiple of 4, weights not of 3, K not of 8; with a bias."""
+    gen = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x, w, b = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    with torch.no_grad():
+        y = native.decode_linear(x, w, b)
+    assert y is not None and y.shape == (rows, n) and y.dtype == torch.float32
+    ref = x.double() @ w.double().T + b.double()
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 1e-5 * (k**0.5) * 4, err  # fp32 rounding over K terms
+    assert err <= 2 * (F.linear(x, w, b).double() - ref).abs().max().item() + 1e-6  # as close as BLAS is
+
+
+@needs_kernel
+def test_kernel_result_does_not_depend_on_the_thread_count():
+    x, w = torch.randn(16, 512), torch.randn(1400, 512)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                outs.append(native.decode_linear(x, w))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@needs_kernel
+def test_kernel_is_used_only_for_few_rows_without_gradients():
+    w = torch.randn(64, 32)
+    with torch.no_grad():
+        assert native.decode_linear(torch.randn(2, 16, 32), w) is not None  # 32 rows: decoding
+        assert native.decode_linear(torch.randn(2, 17, 32), w) is None  # 34 rows: BLAS
+        assert native.decode_linear(torch.randn(4, 32, dtype=torch.float64), w.double()) is None
+        assert native.decode_linear(torch.randn(4, 64)[:, ::2], w) is not None  # strided input is copied
+    x = torch.randn(4, 32, requires_grad=True)
+    assert native.decode_linear(x, w) is None  # training keeps autograd
+    assert native.decode_linear(torch.randn(4, 32), w.T.contiguous().T) is None  # non-contiguous weight
+
+
+@needs_kernel
+def test_decoding_with_the_kernel_matches_torch(monkeypatch):
+    """The model's decode steps go through the kernel (counted) and give torch's log-probs and tokens."""
+    model = sharp_model("gqa")
+    prompts = [[5, 17, 42, 9], [7, 7, 100], [300, 12, 13, 14, 15, 16]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=1.0, seed=4)
+    calls = []
+    real = native.decode_linear
+
+    def counting(*a, **k):
+        y = real(*a, **k)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(native, "decode_linear", counting)
+    fast = generate(model, prompts, params)
+    assert sum(calls) > 0
+    monkeypatch.setattr(native, "_state", "off")
+    slow = generate(model, prompts, params)
+    assert [g.tokens for g in fast.generations] == [g.tokens for g in slow.generations]
+    for f, s in zip(fast.generations, slow.generations):
+        torch.testing.assert_close(torch.tensor(f.logprobs), torch.tensor(s.logprobs), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_build_is_cached_and_keyed_by_the_source(fresh_native):
+    lib = native.build()
+    assert lib.parent == fresh_native / "native" and lib.exists()
+    stamp = lib.stat().st_mtime_ns
+    assert native.build() == lib and lib.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert not list(lib.parent.glob("*.tmp"))  # written under a temporary name, then renamed
+
+
+@pytest.mark.skipif(not native.supported(), reason="the kernel is not tried on this platform")
+def test_without_a_compiler_decoding_falls_back_to_torch(fresh_native, monkeypatch):
+    """No compiler: one warning naming the cause, then torch's matmul; generation still works."""
+    monkeypatch.setenv("CC", "no-such-cc")
+    with pytest.warns(UserWarning, match="no-such-cc"):
+        assert native.load() is None
+    with torch.no_grad():
+        assert native.decode_linear(torch.randn(2, 8), torch.randn(3, 8)) is None
+    out = generate(sharp_model("gqa"), [[5, 6, 7]], SamplingParams(max_new_tokens=4, temperature=0))
+    assert len(out.generations[0].tokens) == 4
+
+
+def test_switch_off(monkeypatch, fresh_native):
+    monkeypatch.setenv("MINIMIND_NATIVE", "0")
+    assert not native.supported()
+    assert native.load() is None and not list(fresh_native.glob("**/*.so"))
