@@ -6,7 +6,9 @@ The LM head shares its weight with the embedding; there are no biases. Attention
 with rotary positions (optionally YaRN-scaled) and optional per-head q/k RMSNorm (minimind-3 /
 Qwen3 style); the FFN is SwiGLU, or a mixture of SwiGLU experts. Every attention path (training,
 prefill, cached decode, left padding, packed documents) goes through
-`F.scaled_dot_product_attention`; the only thing that differs between them is the mask.
+`F.scaled_dot_product_attention`; the only thing that differs between them is the mask. On x86-64
+CPUs, decoding (a few rows, one new token each, no gradients) computes the same products with the
+small native kernels of `minimind.native` instead: there they are most of a step's time.
 """
 
 from __future__ import annotations
@@ -215,15 +217,17 @@ class Attention(nn.Module):
         causal = mask is None and (cache is None or cache.length == 0)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        y = native.decode_attention(q, k, v, mask) if T == 1 and cache is not None else None
+        if y is None:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

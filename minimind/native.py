@@ -1,15 +1,17 @@
-"""A native fast path for decoding on x86-64 CPUs: `decode_linear`, a few rows against a large weight.
+"""A native fast path for decoding on x86-64 CPUs: `decode_linear` and `decode_attention`.
 
-A decode step multiplies one row per sequence (16 in an RL rollout) by every weight matrix. BLAS
-kernels are tuned for many rows and reach a quarter to a half of the CPU's peak there, and the step is
-mostly these products, so `csrc/decode_gemm.c` (one AVX2 kernel, ~100 lines) does them instead. It is
-compiled on first use with the system C compiler into a cache folder and loaded with ctypes; its OpenMP
-threads are torch's own (the library `torch` already loaded), sized by `torch.get_num_threads()`.
+A decode step multiplies one row per sequence (16 in an RL rollout) by every weight matrix, then
+attends from one query per row to the cache. BLAS kernels are tuned for many rows and reach a quarter
+to a half of the CPU's peak at 16, and torch's attention kernels spend most of a one-query call in
+overheads; together that was two thirds of a step. `csrc/decode.c` (two AVX2 kernels, ~130 lines)
+does both instead. It is compiled on first use with the system C compiler into a cache folder and
+loaded with ctypes; its OpenMP threads are torch's own (the runtime `torch` already loaded), sized by
+`torch.get_num_threads()`.
 
-Where it cannot help or cannot build (not Linux x86-64 with AVX2, no C compiler, gradients wanted,
-other dtypes or devices, more than `MAX_ROWS` rows) `decode_linear` returns None and the caller uses
-`F.linear`. `MINIMIND_NATIVE=0` turns it off; `MINIMIND_CACHE` moves the cache (default
-~/.cache/minimind). The kernel is checked against F.linear in tests/test_native.py.
+Where it cannot help or cannot build (not Linux x86-64 with AVX2, no C compiler, autograd on,
+other dtypes or devices, more than `MAX_ROWS` rows, more than one query per row) the functions return
+None and the caller uses torch. `MINIMIND_NATIVE=0` turns it off; `MINIMIND_CACHE` moves the cache
+(default ~/.cache/minimind). Both kernels are checked against torch in tests/test_native.py.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_gemm.c"
+SOURCE = Path(__file__).parent / "csrc" / "decode.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 32  # beyond this BLAS is as fast (and prefill / training shapes never come here)
 
-_kernel: ctypes._CFuncPtr | None = None
+_kernel: ctypes.CDLL | None = None
 _state = "unloaded"  # unloaded | ready | off
 
 
@@ -60,7 +62,7 @@ def build(out_dir: Path | None = None) -> Path:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    lib = out_dir / f"decode_gemm-{key}.so"
+    lib = out_dir / f"decode-{key}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,17 +79,19 @@ def build(out_dir: Path | None = None) -> Path:
     return lib
 
 
-def load() -> ctypes._CFuncPtr | None:
-    """The kernel, built and loaded on first call; None (with one warning) when it cannot be."""
+def load() -> ctypes.CDLL | None:
+    """The kernels, built and loaded on first call; None (with one warning) when they cannot be."""
     global _kernel, _state
     if _state == "unloaded":
         _state = "off"
         if supported():
             try:
-                fn = ctypes.CDLL(str(build())).decode_gemm
-                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-                fn.restype = None
-                _kernel, _state = fn, "ready"
+                lib = ctypes.CDLL(str(build()))
+                ptr, long = ctypes.c_void_p, ctypes.c_long
+                lib.decode_gemm.argtypes = [ptr] * 3 + [long] * 3 + [ctypes.c_int]
+                lib.decode_attention.argtypes = [ptr] * 5 + [long] * 7 + [ctypes.c_float, ptr, ctypes.c_int]
+                lib.decode_gemm.restype = lib.decode_attention.restype = None
+                _kernel, _state = lib, "ready"
             except (OSError, RuntimeError) as e:
                 warnings.warn(f"native decode kernel unavailable, using torch's matmul: {e}", stacklevel=2)
     return _kernel
@@ -101,18 +105,57 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
         or x.numel() > MAX_ROWS * x.shape[-1]
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or torch.is_grad_enabled()
         or not weight.is_contiguous()
         or weight.device.type != "cpu"
     ):
         return None
-    kernel = _kernel or load()
-    if kernel is None:
+    lib = _kernel or load()
+    if lib is None:
         return None
     K, N = weight.shape[1], weight.shape[0]
     x2 = x.reshape(-1, K).contiguous()
     y = torch.empty((x2.shape[0], N), dtype=torch.float32)
-    kernel(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.shape[0], N, K, torch.get_num_threads())
+    lib.decode_gemm(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.shape[0], N, K, torch.get_num_threads())
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], N)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) for one query per row
+    by the native kernel, or None where it does not apply.
+
+    q: (B, H, 1, D); k, v: (B, KVH, L, D) views of the KV cache (rows contiguous); mask: None or a
+    boolean mask broadcastable to (B, 1, 1, L), True where a key may be seen.
+    """
+    B, H, T, D = q.shape
+    KVH, L = k.shape[1], k.shape[2]
+    if (
+        _state == "off"
+        or T != 1
+        or q.device.type != "cpu"
+        or not (q.dtype == k.dtype == v.dtype == torch.float32)
+        or torch.is_grad_enabled()
+        or H % KVH
+        or k.stride(-1) != 1
+        or k.stride(-2) != D
+        or v.stride() != k.stride()
+        or (mask is not None and mask.dtype != torch.bool)
+    ):
+        return None
+    lib = _kernel or load()
+    if lib is None:
+        return None
+    q = q.contiguous()
+    keep = None if mask is None else mask.expand(B, 1, 1, L).reshape(B, L).contiguous()
+    out = torch.empty((B, H, 1, D), dtype=torch.float32)
+    threads = torch.get_num_threads()
+    scratch = torch.empty((threads, L), dtype=torch.float32)
+    lib.decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(), out.data_ptr(),
+        B, H, KVH, L, D, k.stride(0), k.stride(1), D**-0.5, scratch.data_ptr(), threads,
+    )  # fmt: skip
+    return out

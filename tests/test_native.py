@@ -1,5 +1,5 @@
-"""The native decode kernel (minimind/csrc/decode_gemm.c) against torch: values, determinism, when it is
-used, and the fallback when it cannot be built."""
+"""The native decode kernels (minimind/csrc/decode.c) against torch: values, determinism, when they are
+used, and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -46,6 +46,42 @@ def test_kernel_equals_a_float64_reference(rows, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,d,length", [(8, 2, 64, 161), (4, 4, 16, 1), (6, 3, 12, 40)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_kernel_equals_sdpa_on_cache_views(heads, kv_heads, d, length, padded):
+    """One query per row against (B, KVH, L, D) views of a longer cache buffer, grouped-query, with a
+    left-padding mask, equals F.scaled_dot_product_attention."""
+    gen = torch.Generator().manual_seed(length + d)
+    B = 5
+    q = torch.randn(B, heads, 1, d, generator=gen)
+    cache_k, cache_v = (torch.randn(3, B, kv_heads, length + 7, d, generator=gen) for _ in range(2))
+    k, v = cache_k[1, :, :, :length], cache_v[1, :, :, :length]  # what KVCache.update returns
+    mask = None
+    if padded:
+        keep = torch.ones(B, length, dtype=torch.bool)
+        for b in range(B):
+            keep[b, : min(b * 3, length - 1)] = False  # row b has b * 3 pads on the left, last key kept
+        mask = keep[:, None, None, :]
+    with torch.no_grad():
+        y = native.decode_attention(q, k, v, mask)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    assert y is not None
+    torch.testing.assert_close(y, ref, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_attention_kernel_is_used_only_where_it_applies():
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    with torch.no_grad():
+        assert native.decode_attention(q, k, v, None) is not None
+        assert native.decode_attention(torch.randn(2, 4, 2, 8), k, v, None) is None  # two queries: prefill
+        assert native.decode_attention(q, k, v, torch.zeros(2, 1, 1, 5)) is None  # additive float mask
+        assert native.decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, None) is None
+        assert native.decode_attention(q.double(), k.double(), v.double(), None) is None
+    assert native.decode_attention(q, k, v, None) is None  # autograd on
+
+
+@needs_kernel
 def test_kernel_result_does_not_depend_on_the_thread_count():
     x, w = torch.randn(16, 512), torch.randn(1400, 512)
     threads = torch.get_num_threads()
@@ -68,28 +104,33 @@ def test_kernel_is_used_only_for_few_rows_without_gradients():
         assert native.decode_linear(torch.randn(2, 17, 32), w) is None  # 34 rows: BLAS
         assert native.decode_linear(torch.randn(4, 32, dtype=torch.float64), w.double()) is None
         assert native.decode_linear(torch.randn(4, 64)[:, ::2], w) is not None  # strided input is copied
-    x = torch.randn(4, 32, requires_grad=True)
-    assert native.decode_linear(x, w) is None  # training keeps autograd
+    assert native.decode_linear(torch.randn(4, 32), w) is None  # autograd on: torch (training is untouched)
     assert native.decode_linear(torch.randn(4, 32), w.T.contiguous().T) is None  # non-contiguous weight
 
 
 @needs_kernel
 def test_decoding_with_the_kernel_matches_torch(monkeypatch):
-    """The model's decode steps go through the kernel (counted) and give torch's log-probs and tokens."""
+    """The model's decode steps go through both kernels (counted) and give torch's log-probs and tokens,
+    left-padded rows included."""
     model = sharp_model("gqa")
     prompts = [[5, 17, 42, 9], [7, 7, 100], [300, 12, 13, 14, 15, 16]]
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=1.0, seed=4)
-    calls = []
-    real = native.decode_linear
+    calls = {"decode_linear": 0, "decode_attention": 0}
 
-    def counting(*a, **k):
-        y = real(*a, **k)
-        calls.append(y is not None)
-        return y
+    def counting(name):
+        real = getattr(native, name)
 
-    monkeypatch.setattr(native, "decode_linear", counting)
+        def call(*a, **k):
+            y = real(*a, **k)
+            calls[name] += y is not None
+            return y
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(native, name, counting(name))
     fast = generate(model, prompts, params)
-    assert sum(calls) > 0
+    assert calls["decode_linear"] > 0 and calls["decode_attention"] == 11 * model.cfg.num_layers
     monkeypatch.setattr(native, "_state", "off")
     slow = generate(model, prompts, params)
     assert [g.tokens for g in fast.generations] == [g.tokens for g in slow.generations]

@@ -1,5 +1,6 @@
-/* y = x @ w^T for decoding on x86-64 CPUs: a few rows of x (one per sequence) against a large weight.
+/* Decoding on x86-64 CPUs: the two things a decode step spends its time on, for one new token per row.
  *
+ * decode_gemm: y = x @ w^T, a few rows of x (one per sequence) against a large weight.
  * x: (M, K) row-major, w: (N, K) row-major (nn.Linear's layout), y: (M, N) row-major, float32.
  *
  * At M = 16 (an RL rollout's batch) BLAS libraries reach a quarter to a half of this CPU's peak: their
@@ -10,10 +11,15 @@
  * tile while the first rows of x are processed). Each output is summed in a fixed order whatever the
  * thread count, so results are the same from run to run.
  *
+ * decode_attention: softmax(q k^T / sqrt(d)) v for one query per (row, head) against the KV cache, the
+ * case where torch's attention kernels spend most of their time in per-call overheads.
+ *
  * Built on first use by minimind/native.py with the system C compiler (-O3 -mavx2 -mfma -fopenmp);
- * checked against F.linear in tests/test_native.py.
+ * checked against F.linear and F.scaled_dot_product_attention in tests/test_native.py.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 
 static inline float hsum(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -74,5 +80,43 @@ void decode_gemm(const float *x, const float *w, float *y, long M, long N, long 
       for (; m0 + 4 <= M; m0 += 4) tile4x3(x + m0 * K, w + n0 * K, y + m0 * N + n0, N, K, K8, m0 == 0 && t + 1 < tiles);
     for (long m = m0; m < M; m++) /* rows of x left over, and the last weight rows */
       for (long n = n0; n < n1; n++) y[m * N + n] = dot(x + m * K, w + n * K, K);
+  }
+}
+
+/* q: (B, H, D) contiguous. k, v: (B, KVH, L, D) with row stride D and the given batch / head strides
+ * (views of the preallocated cache). keep: (B, L) bytes, 0 = padding (NULL: keep all). out: (B, H, D).
+ * scratch: (threads, L) floats, one row of scores per thread.
+ * Query head h reads key/value head h / (H / KVH) (grouped-query attention). A row that may see no key
+ * gets zeros (torch would give NaN; the model never asks for one). */
+void decode_attention(const float *q, const float *k, const float *v, const unsigned char *keep, float *out,
+                      long B, long H, long KVH, long L, long D, long kv_batch_stride, long kv_head_stride,
+                      float scale, float *scratch, int threads) {
+  long group = H / KVH;
+#pragma omp parallel num_threads(threads)
+  {
+    float *p = scratch + omp_get_thread_num() * L;
+#pragma omp for schedule(static)
+    for (long bh = 0; bh < B * H; bh++) {
+      long b = bh / H, h = bh % H;
+      const float *qr = q + bh * D;
+      const float *kb = k + b * kv_batch_stride + (h / group) * kv_head_stride;
+      const float *vb = v + b * kv_batch_stride + (h / group) * kv_head_stride;
+      const unsigned char *kp = keep ? keep + b * L : NULL;
+      float *o = out + bh * D, top = -INFINITY, total = 0.0f;
+      for (long l = 0; l < L; l++) {
+        p[l] = (kp && !kp[l]) ? -INFINITY : dot(qr, kb + l * D, D) * scale;
+        if (p[l] > top) top = p[l];
+      }
+      for (long d = 0; d < D; d++) o[d] = 0.0f;
+      if (top == -INFINITY) continue;
+      for (long l = 0; l < L; l++) {
+        float e = p[l] == -INFINITY ? 0.0f : expf(p[l] - top);
+        total += e;
+        if (e == 0.0f) continue;
+        const float *vr = vb + l * D;
+        for (long d = 0; d < D; d++) o[d] += e * vr[d];
+      }
+      for (long d = 0; d < D; d++) o[d] /= total;
+    }
   }
 }
