@@ -4,7 +4,9 @@ Both sides: minimind2-small shape (hidden 512, 8 layers, vocab 6400), fp32, rand
 not depend on them), the same two prompts (ids from upstream's tokenizer), sampling at temperature 0.8,
 `--new-tokens` tokens per row with no early stop. Upstream is what its trainer/train_grpo.py calls:
 `model.generate(do_sample=True, temperature=0.8, num_return_sequences=8)` on left-padded prompts;
-ours is `minimind.generate.generate` on the 16 rows (full distribution, per-token log-probs recorded).
+ours is `minimind.generate.generate` on the 16 rows (full distribution, per-token log-probs recorded),
+as users get it (with the native decode kernels of minimind/native.py on x86-64 CPUs) and, for
+comparison, with them switched off (torch's matmul and attention only).
 Upstream runs in a child process under `--python` (a venv with its dependencies); it is never imported
 into this project. Median of `--repeats` after a warm-up.
 
@@ -34,13 +36,16 @@ def prompt_ids(upstream: Path) -> list[list[int]]:
     return [tok.encode(chat.format(p), add_special_tokens=False).ids for p in PROMPTS]
 
 
-def ours(args: argparse.Namespace, ids: list[list[int]]) -> dict:
+def ours(args: argparse.Namespace, ids: list[list[int]], use_native: bool = True) -> dict:
     import torch
 
+    from minimind import native
     from minimind.config import preset
     from minimind.generate import SamplingParams, generate
     from minimind.model import MiniMind
 
+    if not use_native:
+        native._state = "off"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = MiniMind(preset("minimind2-small")).eval()
@@ -53,7 +58,7 @@ def ours(args: argparse.Namespace, ids: list[list[int]]) -> dict:
         out = generate(model, rows, params)
         times.append(time.perf_counter() - t)
         assert out.new_tokens == len(rows) * args.new_tokens
-    return {"rows": len(rows), "repeats_s": [round(x, 3) for x in times],
+    return {"rows": len(rows), "repeats_s": [round(x, 3) for x in times], "native": native._state == "ready",
             "tok_per_s": round(len(rows) * args.new_tokens / statistics.median(times), 1)}  # fmt: skip
 
 
@@ -114,7 +119,10 @@ def main() -> None:
         raise SystemExit("upstream worker failed:\n" + res.stdout[-2000:] + res.stderr[-3000:])
     up = json.loads(res.stdout.strip().splitlines()[-1])
     me = ours(args, ids)
-    print(json.dumps({"upstream": up, "ours": me, "ratio": round(me["tok_per_s"] / up["tok_per_s"], 2),
+    torch_only = ours(args, ids, use_native=False)
+    print(json.dumps({"upstream": up, "ours": me, "ours_without_native_kernels": torch_only,
+                      "ratio": round(me["tok_per_s"] / up["tok_per_s"], 2),
+                      "ratio_without_native_kernels": round(torch_only["tok_per_s"] / up["tok_per_s"], 2),
                       "new_tokens": args.new_tokens, "threads": args.threads}, indent=1))  # fmt: skip
 
 
