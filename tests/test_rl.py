@@ -154,7 +154,14 @@ def test_spo_resume_keeps_baselines_drift_and_prioritised_draws(pipeline, tmp_pa
     def argv(out, *extra):
         f = pipeline["files"]
         base = ["spo", "--from", pipeline["sft"], "--data", f["rl"], "--out", out, "--batch-size", 8, "--seed", 0]
-        base += ["--reward", "rule:math+rule:close+rule:length@min=13,think_min=0", "--max-new-tokens", 10, "--max-steps", 4]
+        base += [
+            "--reward",
+            "rule:math+rule:close+rule:length@min=13,think_min=0",
+            "--max-new-tokens",
+            10,
+            "--max-steps",
+            4,
+        ]
         return [str(a) for a in [*base, *extra]]
 
     _run_cli(*argv(tmp_path / "straight", "--prioritize"))
