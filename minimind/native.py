@@ -1,17 +1,17 @@
-"""A native fast path for decoding on x86-64 CPUs: `decode_linear` and `decode_attention`.
+"""A native fast path for decoding on x86-64 CPUs: `decode_linear`, `decode_attention`, `decode_rmsnorm`.
 
 A decode step multiplies one row per sequence (16 in an RL rollout) by every weight matrix, then
 attends from one query per row to the cache. BLAS kernels are tuned for many rows and reach a quarter
 to a half of the CPU's peak at 16, and torch's attention kernels spend most of a one-query call in
-overheads; together that was two thirds of a step. `csrc/decode.c` (two AVX2 kernels, ~130 lines)
-does both instead. It is compiled on first use with the system C compiler into a cache folder and
-loaded with ctypes; its OpenMP threads are torch's own (the runtime `torch` already loaded), sized by
-`torch.get_num_threads()`.
+overheads; together that was two thirds of a step (RMSNorm, a chain of small ops in torch, another
+twentieth). `csrc/decode.c` (AVX2 kernels, ~170 lines) does these instead. It is compiled on first
+use with the system C compiler into a cache folder and loaded with ctypes; its OpenMP threads are
+torch's own (the runtime `torch` already loaded), sized by `torch.get_num_threads()`.
 
 Where it cannot help or cannot build (not Linux x86-64 with AVX2, no C compiler, autograd on,
 other dtypes or devices, more than `MAX_ROWS` rows, more than one query per row) the functions return
 None and the caller uses torch. `MINIMIND_NATIVE=0` turns it off; `MINIMIND_CACHE` moves the cache
-(default ~/.cache/minimind). Both kernels are checked against torch in tests/test_native.py.
+(default ~/.cache/minimind). Every kernel is checked against torch in tests/test_native.py.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def load() -> ctypes.CDLL | None:
                 ptr, long = ctypes.c_void_p, ctypes.c_long
                 lib.decode_gemm.argtypes = [ptr] * 3 + [long] * 3 + [ctypes.c_int]
                 lib.decode_attention.argtypes = [ptr] * 5 + [long] * 7 + [ctypes.c_float, ptr, ctypes.c_int]
-                lib.decode_gemm.restype = lib.decode_attention.restype = None
+                lib.decode_rmsnorm.argtypes = [ptr] * 3 + [long] * 2 + [ctypes.c_float]
+                lib.decode_gemm.restype = lib.decode_attention.restype = lib.decode_rmsnorm.restype = None
                 _kernel, _state = lib, "ready"
             except (OSError, RuntimeError) as e:
                 warnings.warn(f"native decode kernel unavailable, using torch's matmul: {e}", stacklevel=2)
@@ -159,3 +160,23 @@ def decode_attention(
         B, H, KVH, L, D, k.stride(0), k.stride(1), D**-0.5, scratch.data_ptr(), threads,
     )  # fmt: skip
     return out
+
+
+def decode_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight * (x / sqrt(mean(x^2) + eps)) over the last dimension by the native kernel, or None."""
+    if (
+        _state == "off"
+        or x.device.type != "cpu"
+        or not (x.dtype == weight.dtype == torch.float32)
+        or x.numel() > MAX_ROWS * 16 * x.shape[-1]
+        or torch.is_grad_enabled()
+        or not weight.is_contiguous()
+    ):
+        return None
+    lib = _kernel or load()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.decode_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return y

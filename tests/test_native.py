@@ -82,6 +82,40 @@ def test_attention_kernel_is_used_only_where_it_applies():
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(16, 1, 512), (3, 2, 4, 12), (1, 7)])
+def test_rmsnorm_kernel_equals_the_model_norm(shape):
+    from minimind.model import RMSNorm
+
+    norm = RMSNorm(shape[-1], 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        x = torch.randn(shape) * 3
+        y = native.decode_rmsnorm(x, norm.weight, 1e-5)
+    ref = norm(x)  # autograd on: torch's path
+    assert y is not None and y.shape == x.shape
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_softmax_exp_is_accurate_down_to_masked_keys():
+    """The attention kernel's vectorised exp: scores spread from 0 to -100 (and -inf, masked) give the
+    softmax weights torch computes, the tiny ones included."""
+    L = 203  # keys, and the head size: values are one-hot, so output d is the weight of key d
+    q = torch.zeros(1, 1, 1, L)
+    q[..., 0] = 1
+    k = torch.zeros(1, 1, L, L)
+    k[0, 0, :, 0] = -torch.linspace(0, 100, L) * L**0.5  # score of key l: -100 l / (L - 1)
+    v = torch.eye(L).reshape(1, 1, L, L)
+    mask = torch.ones(1, 1, 1, L, dtype=torch.bool)
+    mask[..., 3] = False
+    with torch.no_grad():
+        y = native.decode_attention(q, k, v, mask)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert y is not None and y[0, 0, 0, 3] == 0
+    torch.testing.assert_close(y, ref, atol=1e-7, rtol=1e-5)
+
+
+@needs_kernel
 def test_kernel_result_does_not_depend_on_the_thread_count():
     x, w = torch.randn(16, 512), torch.randn(1400, 512)
     threads = torch.get_num_threads()

@@ -83,6 +83,43 @@ void decode_gemm(const float *x, const float *w, float *y, long M, long N, long 
   }
 }
 
+/* e^x for 8 floats, x <= 0 (softmax after subtracting the maximum): x = n ln2 + r with |r| <= ln2 / 2,
+ * e^r by its Taylor series to r^6 (relative error < 2e-7), times 2^n built in the exponent bits.
+ * Below -87 the result is 0 (e^-87 is under float32's smallest normal number). */
+static inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x); /* ln2 in two parts, exact products */
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 e = _mm256_set1_ps(1.0f / 720);
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 120));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 24));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 6));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
+  __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(small, _mm256_mul_ps(e, _mm256_castsi256_ps(two_n)));
+}
+
+/* p[l] = e^(p[l] - top) in place; -inf (a masked key) gives 0. */
+static void exp_shifted(float *p, long L, float top) {
+  long l = 0;
+  for (; l + 8 <= L; l += 8)
+    _mm256_storeu_ps(p + l, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + l), _mm256_set1_ps(top))));
+  for (; l < L; l++) p[l] = expf(p[l] - top);
+}
+
+/* y = w * (x / sqrt(mean(x^2) + eps)) for each of M rows of D: RMSNorm (float32 statistics). */
+void decode_rmsnorm(const float *x, const float *w, float *y, long M, long D, float eps) {
+  for (long m = 0; m < M; m++) {
+    const float *xr = x + m * D;
+    float r = 1.0f / sqrtf(dot(xr, xr, D) / D + eps);
+    for (long d = 0; d < D; d++) y[m * D + d] = w[d] * (xr[d] * r);
+  }
+}
+
 /* q: (B, H, D) contiguous. k, v: (B, KVH, L, D) with row stride D and the given batch / head strides
  * (views of the preallocated cache). keep: (B, L) bytes, 0 = padding (NULL: keep all). out: (B, H, D).
  * scratch: (threads, L) floats, one row of scores per thread.
@@ -109,12 +146,12 @@ void decode_attention(const float *q, const float *k, const float *v, const unsi
       }
       for (long d = 0; d < D; d++) o[d] = 0.0f;
       if (top == -INFINITY) continue;
+      exp_shifted(p, L, top);
       for (long l = 0; l < L; l++) {
-        float e = p[l] == -INFINITY ? 0.0f : expf(p[l] - top);
-        total += e;
-        if (e == 0.0f) continue;
+        total += p[l];
+        if (p[l] == 0.0f) continue;
         const float *vr = vb + l * D;
-        for (long d = 0; d < D; d++) o[d] += e * vr[d];
+        for (long d = 0; d < D; d++) o[d] += p[l] * vr[d];
       }
       for (long d = 0; d < D; d++) o[d] /= total;
     }
