@@ -103,6 +103,27 @@ static inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_andnot_ps(small, _mm256_mul_ps(e, _mm256_castsi256_ps(two_n)));
 }
 
+/* p[l] = scale * (q . k_l) for L keys of D: four keys at a time, so that four independent FMA chains
+ * hide each other's latency (one dot product alone waits on its own additions). */
+static void scores(const float *q, const float *k, float *p, long L, long D, float scale) {
+  long l = 0, D8 = D / 8 * 8;
+  for (; l + 4 <= L; l += 4) {
+    const float *k0 = k + l * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (long d = 0; d < D8; d += 8) {
+      __m256 u = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(k3 + d), a3);
+    }
+    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (long d = D8; d < D; d++) s[0] += q[d] * k0[d], s[1] += q[d] * k1[d], s[2] += q[d] * k2[d], s[3] += q[d] * k3[d];
+    for (int i = 0; i < 4; i++) p[l + i] = s[i] * scale;
+  }
+  for (; l < L; l++) p[l] = dot(q, k + l * D, D) * scale;
+}
+
 /* p[l] = e^(p[l] - top) in place; -inf (a masked key) gives 0. */
 static void exp_shifted(float *p, long L, float top) {
   long l = 0;
@@ -140,18 +161,23 @@ void decode_attention(const float *q, const float *k, const float *v, const unsi
       const float *vb = v + b * kv_batch_stride + (h / group) * kv_head_stride;
       const unsigned char *kp = keep ? keep + b * L : NULL;
       float *o = out + bh * D, top = -INFINITY, total = 0.0f;
+      scores(qr, kb, p, L, D, scale);
       for (long l = 0; l < L; l++) {
-        p[l] = (kp && !kp[l]) ? -INFINITY : dot(qr, kb + l * D, D) * scale;
+        if (kp && !kp[l]) p[l] = -INFINITY;
         if (p[l] > top) top = p[l];
       }
       for (long d = 0; d < D; d++) o[d] = 0.0f;
       if (top == -INFINITY) continue;
       exp_shifted(p, L, top);
+      long D8 = D / 8 * 8;
       for (long l = 0; l < L; l++) {
-        total += p[l];
-        if (p[l] == 0.0f) continue;
-        const float *vr = vb + l * D;
-        for (long d = 0; d < D; d++) o[d] += p[l] * vr[d];
+        const float e = p[l], *vr = vb + l * D;
+        total += e;
+        if (e == 0.0f) continue;
+        const __m256 ev = _mm256_set1_ps(e);
+        for (long d = 0; d < D8; d += 8)
+          _mm256_storeu_ps(o + d, _mm256_fmadd_ps(ev, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(o + d)));
+        for (long d = D8; d < D; d++) o[d] += e * vr[d];
       }
       for (long d = 0; d < D; d++) o[d] /= total;
     }
