@@ -170,6 +170,22 @@ void decode_attention(const float *q, const float *k, const float *v, const unsi
       if (top == -INFINITY) continue;
       exp_shifted(p, L, top);
       long D8 = D / 8 * 8;
+      if (D == 64) { /* the usual head size: the output row stays in 8 registers across the keys */
+        __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, o4 = o0, o5 = o0, o6 = o0, o7 = o0;
+        for (long l = 0; l < L; l++) {
+          const float *vr = vb + l * D;
+          const __m256 e = _mm256_set1_ps(p[l]);
+          total += p[l];
+          o0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr), o0), o1 = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + 8), o1);
+          o2 = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + 16), o2), o3 = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + 24), o3);
+          o4 = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + 32), o4), o5 = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + 40), o5);
+          o6 = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + 48), o6), o7 = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + 56), o7);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / total);
+        __m256 rows[8] = {o0, o1, o2, o3, o4, o5, o6, o7};
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(rows[i], inv));
+        continue;
+      }
       for (long l = 0; l < L; l++) {
         const float e = p[l], *vr = vb + l * D;
         total += e;
