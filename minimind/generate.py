@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from minimind import native
 from minimind.config import ModelConfig
 from minimind.errors import ConfigError
 from minimind.model import KVCache, MiniMind
@@ -89,27 +90,30 @@ def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids (B,), their log-probs (B,)) from processed logits."""
-    logp = logits.log_softmax(dim=-1)
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
-    else:
-        tokens = draw(logp.exp(), generator)
+        return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    dtype = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
+    u = torch.rand((logits.shape[0],), generator=generator, dtype=dtype, device=logits.device)
+    fast = native.sample_rows(logits, u)  # the same draw in one kernel (x86-64 CPUs)
+    if fast is not None:
+        return fast
+    logp = logits.log_softmax(dim=-1)
+    tokens = draw(logp.exp(), u)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of `probs` (B, V) by inverse CDF: the first token whose cumulative probability
-    exceeds u ~ U(0, total). One uniform per row where torch.multinomial draws one exponential per
-    vocabulary entry (a tenth of a CPU decode step at batch 16). Sums are float64 (float32 on MPS, which
-    has no float64) so tail tokens keep their share; u stays strictly below the total, and a token of
-    probability 0 leaves the sum flat, so it is never chosen.
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` (B, V) by inverse CDF, given u (B,) uniform in [0, 1): the first
+    token whose cumulative probability exceeds u * total. One uniform per row where torch.multinomial
+    draws one exponential per vocabulary entry (a tenth of a CPU decode step at batch 16). Sums are in
+    u's dtype (float64; float32 on MPS) so tail tokens keep their share; the target stays strictly
+    below the total, and a token of probability 0 leaves the sum flat, so it is never chosen.
     """
-    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
-    cdf = probs.to(dtype).cumsum(dim=-1)
+    cdf = probs.to(u.dtype).cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, dtype=dtype, device=probs.device) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

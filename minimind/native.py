@@ -1,10 +1,12 @@
-"""A native fast path for decoding on x86-64 CPUs: `decode_linear`, `decode_attention`, `decode_rmsnorm`.
+"""A native fast path for decoding on x86-64 CPUs: matmuls, attention, RMSNorm and sampling of one step.
 
 A decode step multiplies one row per sequence (16 in an RL rollout) by every weight matrix, then
 attends from one query per row to the cache. BLAS kernels are tuned for many rows and reach a quarter
 to a half of the CPU's peak at 16, and torch's attention kernels spend most of a one-query call in
 overheads; together that was two thirds of a step (RMSNorm, a chain of small ops in torch, another
-twentieth). `csrc/decode.c` (AVX2 kernels, ~170 lines) does these instead. It is compiled on first
+twentieth). Sampling from the logits, a few passes over (rows, vocabulary) in torch with large
+temporaries that glibc hands back to the OS and faults in again every step, took another 1.4 ms.
+`csrc/decode.c` (AVX2 kernels, ~230 lines) does these instead. It is compiled on first
 use with the system C compiler into a cache folder and loaded with ctypes; its OpenMP threads are
 torch's own (the runtime `torch` already loaded), sized by `torch.get_num_threads()`.
 
@@ -69,7 +71,7 @@ def build(out_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}:\n{res.stderr[-2000:]}")
         os.replace(tmp, lib)
@@ -91,7 +93,9 @@ def load() -> ctypes.CDLL | None:
                 lib.decode_gemm.argtypes = [ptr] * 3 + [long] * 3 + [ctypes.c_int]
                 lib.decode_attention.argtypes = [ptr] * 5 + [long] * 7 + [ctypes.c_float, ptr, ctypes.c_int]
                 lib.decode_rmsnorm.argtypes = [ptr] * 3 + [long] * 2 + [ctypes.c_float]
-                lib.decode_gemm.restype = lib.decode_attention.restype = lib.decode_rmsnorm.restype = None
+                lib.sample_rows.argtypes = [ptr, long, long] + [ptr] * 4 + [ctypes.c_int]
+                for fn in (lib.decode_gemm, lib.decode_attention, lib.decode_rmsnorm, lib.sample_rows):
+                    fn.restype = None
                 _kernel, _state = lib, "ready"
             except (OSError, RuntimeError) as e:
                 warnings.warn(f"native decode kernel unavailable, using torch's matmul: {e}", stacklevel=2)
@@ -180,3 +184,30 @@ def decode_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     y = torch.empty_like(x)
     lib.decode_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
+
+
+def sample_rows(logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(tokens, log-probs) drawn by inverse CDF from softmax(logits) (B, V) with one uniform per row
+    u (B,) float64, by the native kernel (what `minimind.generate.draw` does in torch), or None."""
+    if (
+        _state == "off"
+        or logits.device.type != "cpu"
+        or logits.dtype != torch.float32
+        or logits.dim() != 2
+        or u.dtype != torch.float64
+        or torch.is_grad_enabled()
+    ):
+        return None
+    lib = _kernel or load()
+    if lib is None:
+        return None
+    logits, u = logits.contiguous(), u.contiguous()
+    B, V = logits.shape
+    tokens = torch.empty(B, dtype=torch.int64)
+    logp = torch.empty(B, dtype=torch.float32)
+    threads = min(torch.get_num_threads(), B)
+    scratch = torch.empty((threads, V), dtype=torch.float32)
+    lib.sample_rows(
+        logits.data_ptr(), B, V, u.data_ptr(), tokens.data_ptr(), logp.data_ptr(), scratch.data_ptr(), threads
+    )
+    return tokens, logp

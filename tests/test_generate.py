@@ -55,18 +55,20 @@ def test_logprobs_are_those_of_the_sampled_distribution():
 def test_inverse_cdf_draw_follows_the_distribution_and_never_picks_a_zero():
     """`draw` (one uniform per row) samples each token with its probability: frequencies over 200k
     draws match within 5 standard errors, tokens of probability 0 (top-k/top-p cut them) never come,
-    a lone token at the end of the vocabulary can be drawn, and a seed repeats the draw."""
+    a lone token at the end of the vocabulary is drawn even for u next to 1, and the same u gives the
+    same tokens."""
     probs = torch.tensor([[0.5, 0.0, 0.25, 0.0, 0.15, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
     gen = torch.Generator().manual_seed(0)
     n = 200_000
-    assert draw(probs, gen).shape == (2,)
-    rows = draw(probs[:1].expand(n, -1), gen)
-    freq = torch.bincount(rows, minlength=7).double() / n
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    freq = torch.bincount(draw(probs[:1].expand(n, -1), u), minlength=7).double() / n
     p = probs[0].double()
     assert (freq[p == 0] == 0).all()
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), freq
-    assert (draw(probs[1:].expand(1000, -1), gen) == 6).all()
-    assert torch.equal(draw(probs, torch.Generator().manual_seed(5)), draw(probs, torch.Generator().manual_seed(5)))
+    edge = torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64)
+    assert draw(probs[1:].expand(2, -1), edge).tolist() == [6, 6]
+    assert draw(probs[:1].expand(2, -1), edge).tolist() == [0, 5]
+    assert torch.equal(draw(probs, u[:2]), draw(probs, u[:2].clone()))
 
 
 def test_stop_tokens_end_rows_independently():

@@ -116,6 +116,36 @@ def test_softmax_exp_is_accurate_down_to_masked_keys():
 
 
 @needs_kernel
+def test_sampling_kernel_draws_what_the_torch_draw_does():
+    """Same logits and uniforms: the same tokens as `generate.draw` and the log-softmax of each (rows
+    with -inf entries, a row with one allowed token, u at 0 and next to 1 included); frequencies
+    over many draws follow softmax(logits)."""
+    from minimind.generate import draw
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 6400, generator=gen) * 3
+    logits[1, :100] = float("-inf")
+    logits[2] = float("-inf")
+    logits[2, 4321] = 0.5
+    u = torch.rand(64, generator=gen, dtype=torch.float64)
+    u[3], u[4] = 0.0, 1 - 2**-53
+    with torch.no_grad():
+        tokens, logp = native.sample_rows(logits, u)
+    ref_logp = logits.log_softmax(-1)
+    ref = draw(ref_logp.exp(), u)
+    assert (tokens == ref).float().mean() >= 0.95  # a draw can land on a boundary that rounding moves
+    assert tokens[2] == 4321 and tokens[1] >= 100 and logp[2] == 0
+    torch.testing.assert_close(logp, ref_logp.gather(-1, tokens[:, None]).squeeze(-1), atol=2e-6, rtol=1e-5)
+    small = torch.tensor([[0.0, 1.0, float("-inf"), -1.0]])
+    n = 100_000
+    with torch.no_grad():
+        picks, _ = native.sample_rows(small.expand(n, -1), torch.rand(n, generator=gen, dtype=torch.float64))
+    freq = torch.bincount(picks, minlength=4).double() / n
+    p = small[0].softmax(-1).double()
+    assert freq[2] == 0 and ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), freq
+
+
+@needs_kernel
 def test_kernel_result_does_not_depend_on_the_thread_count():
     x, w = torch.randn(16, 512), torch.randn(1400, 512)
     threads = torch.get_num_threads()

@@ -199,3 +199,40 @@ void decode_attention(const float *q, const float *k, const float *v, const unsi
     }
   }
 }
+
+/* Sampling at the end of a decode step: for each of B rows of logits (V entries, -inf = excluded), the
+ * token whose cumulative probability first exceeds u[b] * total (inverse CDF: one uniform per row) and
+ * its log-probability (x - max) - log(sum e^(x - max)). Probabilities are e^(x - max) in float32 (the
+ * vectorised exp above), summed in float64; the target stays strictly below the total, and a token of
+ * probability 0 never moves the running sum, so it is never chosen. scratch: (threads, V) floats. */
+void sample_rows(const float *logits, long B, long V, const double *u, long *tokens, float *logp, float *scratch,
+                 int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    float *e = scratch + omp_get_thread_num() * V;
+#pragma omp for schedule(static)
+    for (long b = 0; b < B; b++) {
+      const float *x = logits + b * V;
+      float top = -INFINITY;
+      for (long i = 0; i < V; i++) top = x[i] > top ? x[i] : top;
+      for (long i = 0; i < V; i++) e[i] = x[i];
+      exp_shifted(e, V, top);
+      double total = 0.0;
+      for (long i = 0; i < V; i++) total += e[i];
+      double target = u[b] * total, run = 0.0;
+      if (target >= total) target = nextafter(total, 0.0);
+      long pick = -1, last = 0;
+      for (long i = 0; i < V; i++) {
+        if (e[i] > 0.0f) last = i;
+        run += e[i];
+        if (run > target) {
+          pick = i;
+          break;
+        }
+      }
+      if (pick < 0) pick = last; /* rounding left the target at the very end */
+      tokens[b] = pick;
+      logp[b] = (float)((double)(x[pick] - top) - log(total));
+    }
+  }
+}
