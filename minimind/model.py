@@ -212,25 +212,28 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if T == 1 and cache is not None:  # decoding on x86-64 CPUs: RoPE, cache write, attention natively
+            y = native.decode_attention(q, k, v, cos, sin, cache, self.layer_idx, mask)
+            if y is not None:
+                return self.o_proj(y.view(B, 1, -1))
+        v = v.transpose(1, 2)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         # No mask means plain causal attention from position 0, or one new token that sees the whole cache.
         causal = mask is None and (cache is None or cache.length == 0)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = native.decode_attention(q, k, v, mask) if T == 1 and cache is not None else None
-        if y is None:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=causal,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

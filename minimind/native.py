@@ -28,8 +28,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from minimind.model import KVCache
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
@@ -91,7 +95,7 @@ def load() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(build()))
                 ptr, long = ctypes.c_void_p, ctypes.c_long
                 lib.decode_gemm.argtypes = [ptr] * 3 + [long] * 3 + [ctypes.c_int]
-                lib.decode_attention.argtypes = [ptr] * 5 + [long] * 7 + [ctypes.c_float, ptr, ctypes.c_int]
+                lib.decode_attention.argtypes = [ptr] * 9 + [long] * 7 + [ctypes.c_float, ptr, ctypes.c_int]
                 lib.decode_rmsnorm.argtypes = [ptr] * 3 + [long] * 2 + [ctypes.c_float]
                 lib.sample_rows.argtypes = [ptr, long, long] + [ptr] * 4 + [ctypes.c_int]
                 for fn in (lib.decode_gemm, lib.decode_attention, lib.decode_rmsnorm, lib.sample_rows):
@@ -128,40 +132,51 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    mask: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) for one query per row
-    by the native kernel, or None where it does not apply.
+    """One decode step's attention by the native kernel, or None where it does not apply: RoPE on q and
+    k, k and v written into `cache` at position `cache.length`, then softmax(q k^T / sqrt(d)) v over the
+    cache, grouped-query. What the model does with apply_rope, KVCache.update and
+    F.scaled_dot_product_attention, in one call.
 
-    q: (B, H, 1, D); k, v: (B, KVH, L, D) views of the KV cache (rows contiguous); mask: None or a
-    boolean mask broadcastable to (B, 1, 1, L), True where a key may be seen.
+    q: (B, 1, H, D), k, v: (B, 1, KVH, D) as projected; cos, sin: (B, 1, 1, D) from RotaryEmbedding;
+    mask: None or a boolean (B, 1, 1, length + 1), True where a key may be seen. Returns (B, H, D).
     """
-    B, H, T, D = q.shape
-    KVH, L = k.shape[1], k.shape[2]
+    B, T, H, D = q.shape
+    KVH, L = k.shape[2], cache.length + 1
     if (
         _state == "off"
         or T != 1
-        or q.device.type != "cpu"
-        or not (q.dtype == k.dtype == v.dtype == torch.float32)
         or torch.is_grad_enabled()
+        or q.device.type != "cpu"
+        or not (q.dtype == k.dtype == v.dtype == cos.dtype == sin.dtype == cache.k.dtype == torch.float32)
         or H % KVH
-        or k.stride(-1) != 1
-        or k.stride(-2) != D
-        or v.stride() != k.stride()
+        or L > cache.max_len
+        or not (cache.k.is_contiguous() and cache.v.is_contiguous())
         or (mask is not None and mask.dtype != torch.bool)
     ):
         return None
     lib = _kernel or load()
     if lib is None:
         return None
-    q = q.contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cos, sin = cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous()
     keep = None if mask is None else mask.expand(B, 1, 1, L).reshape(B, L).contiguous()
-    out = torch.empty((B, H, 1, D), dtype=torch.float32)
+    kc, vc = cache.k[layer], cache.v[layer]  # (B, KVH, max_len, D)
+    out = torch.empty((B, H, D), dtype=torch.float32)
     threads = torch.get_num_threads()
-    scratch = torch.empty((threads, L), dtype=torch.float32)
+    scratch = torch.empty((threads, L + D), dtype=torch.float32)
     lib.decode_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(), out.data_ptr(),
-        B, H, KVH, L, D, k.stride(0), k.stride(1), D**-0.5, scratch.data_ptr(), threads,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+        None if keep is None else keep.data_ptr(), out.data_ptr(),
+        B, H, KVH, L, D, kc.stride(0), kc.stride(1), D**-0.5, scratch.data_ptr(), threads,
     )  # fmt: skip
     return out
 

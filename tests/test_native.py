@@ -4,6 +4,7 @@ used, and the fallback when they cannot be built."""
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from conftest import sharp_model
 
 from minimind import native
 from minimind.generate import SamplingParams, generate
+from minimind.model import KVCache, RotaryEmbedding, apply_rope
 
 needs_kernel = pytest.mark.skipif(
     not native.supported() or shutil.which("cc") is None, reason="needs Linux x86-64 with AVX2 and a C compiler"
@@ -45,40 +47,68 @@ def test_kernel_equals_a_float64_reference(rows, k, n):
     assert err <= 2 * (F.linear(x, w, b).double() - ref).abs().max().item() + 1e-6  # as close as BLAS is
 
 
+def cache_with_history(batch, kv_heads, d, past, gen, layers=2):
+    """A KV cache whose layer 1 holds `past` random positions (room for 7 more)."""
+    cfg = SimpleNamespace(num_layers=layers, num_kv_heads=kv_heads, head_dim=d)
+    cache = KVCache(cfg, batch, past + 8)
+    cache.k[1, :, :, :past] = torch.randn(batch, kv_heads, past, d, generator=gen)
+    cache.v[1, :, :, :past] = torch.randn(batch, kv_heads, past, d, generator=gen)
+    cache.length = past
+    return cache
+
+
+def torch_step(q, k, v, cos, sin, cache, mask):
+    """The model's own path for one decode step of layer 1: RoPE, KVCache.update, SDPA."""
+    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+    k, v = cache.update(1, k, v.transpose(1, 2))
+    heads, kv_heads = q.shape[1], k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)[:, :, 0]
+
+
 @needs_kernel
-@pytest.mark.parametrize("heads,kv_heads,d,length", [(8, 2, 64, 161), (4, 4, 16, 1), (6, 3, 12, 40)])
+@pytest.mark.parametrize("heads,kv_heads,d,past", [(8, 2, 64, 160), (4, 4, 16, 0), (6, 3, 12, 39)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_attention_kernel_equals_sdpa_on_cache_views(heads, kv_heads, d, length, padded):
-    """One query per row against (B, KVH, L, D) views of a longer cache buffer, grouped-query, with a
-    left-padding mask, equals F.scaled_dot_product_attention."""
-    gen = torch.Generator().manual_seed(length + d)
+def test_attention_kernel_equals_rope_cache_update_and_sdpa(heads, kv_heads, d, past, padded):
+    """One new token per row, grouped-query, at left-padded positions: the output and the cache rows it
+    writes equal the model's torch path (apply_rope, KVCache.update, F.scaled_dot_product_attention)."""
+    gen = torch.Generator().manual_seed(past + d)
     B = 5
-    q = torch.randn(B, heads, 1, d, generator=gen)
-    cache_k, cache_v = (torch.randn(3, B, kv_heads, length + 7, d, generator=gen) for _ in range(2))
-    k, v = cache_k[1, :, :, :length], cache_v[1, :, :, :length]  # what KVCache.update returns
-    mask = None
+    q = torch.randn(B, 1, heads, d, generator=gen)
+    k, v = torch.randn(B, 1, kv_heads, d, generator=gen), torch.randn(B, 1, kv_heads, d, generator=gen)
+    keep = torch.ones(B, past + 1, dtype=torch.bool)
     if padded:
-        keep = torch.ones(B, length, dtype=torch.bool)
         for b in range(B):
-            keep[b, : min(b * 3, length - 1)] = False  # row b has b * 3 pads on the left, last key kept
-        mask = keep[:, None, None, :]
+            keep[b, : min(b * 3, past)] = False  # row b has b * 3 pads on the left
+    rotary = RotaryEmbedding(SimpleNamespace(head_dim=d, rope_theta=1e6, rope_scaling="", max_position_embeddings=512))
+    cos, sin = rotary(keep.long().sum(-1, keepdim=True) - 1)  # the new token's position in each row
+    mask = keep[:, None, None, :] if padded else None
+    ours, ref = cache_with_history(B, kv_heads, d, past, gen), cache_with_history(B, kv_heads, d, past, gen)
+    ours.k.copy_(ref.k), ours.v.copy_(ref.v)
     with torch.no_grad():
-        y = native.decode_attention(q, k, v, mask)
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+        y = native.decode_attention(q, k, v, cos, sin, ours, 1, mask)
+        expected = torch_step(q, k, v, cos, sin, ref, mask)
     assert y is not None
-    torch.testing.assert_close(y, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(y, expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.k, ref.k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours.v, ref.v) and ours.length == past  # the model advances the length itself
 
 
 @needs_kernel
 def test_attention_kernel_is_used_only_where_it_applies():
-    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    gen = torch.Generator().manual_seed(0)
+    cache = cache_with_history(2, 2, 8, 4, gen)
+    q, k, v = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    cos, sin = torch.ones(2, 1, 1, 8), torch.zeros(2, 1, 1, 8)
     with torch.no_grad():
-        assert native.decode_attention(q, k, v, None) is not None
-        assert native.decode_attention(torch.randn(2, 4, 2, 8), k, v, None) is None  # two queries: prefill
-        assert native.decode_attention(q, k, v, torch.zeros(2, 1, 1, 5)) is None  # additive float mask
-        assert native.decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, None) is None
-        assert native.decode_attention(q.double(), k.double(), v.double(), None) is None
-    assert native.decode_attention(q, k, v, None) is None  # autograd on
+        assert native.decode_attention(q, k, v, cos, sin, cache, 1, None) is not None
+        two = native.decode_attention(q.expand(2, 2, 4, 8), k.expand(2, 2, 2, 8), v, cos, sin, cache, 1, None)
+        assert two is None  # two new tokens: prefill
+        assert native.decode_attention(q, k, v, cos, sin, cache, 1, torch.zeros(2, 1, 1, 5)) is None  # float mask
+        assert native.decode_attention(q.double(), k.double(), v.double(), cos, sin, cache, 1, None) is None
+        cache.length = cache.max_len  # no room left
+        assert native.decode_attention(q, k, v, cos, sin, cache, 1, None) is None
+    cache.length = 4
+    assert native.decode_attention(q, k, v, cos, sin, cache, 1, None) is None  # autograd on
 
 
 @needs_kernel
@@ -101,48 +131,26 @@ def test_softmax_exp_is_accurate_down_to_masked_keys():
     """The attention kernel's vectorised exp: scores spread from 0 to -100 (and -inf, masked) give the
     softmax weights torch computes, the tiny ones included."""
     L = 203  # keys, and the head size: values are one-hot, so output d is the weight of key d
+    cache = cache_with_history(1, 1, L, L - 1, torch.Generator().manual_seed(0))
+    scores = -torch.linspace(0, 100, L) * L**0.5  # key l scores -100 l / (L - 1)
+    cache.k[1, 0, 0, : L - 1] = 0
+    cache.k[1, 0, 0, : L - 1, 0] = scores[:-1]
+    cache.v[1, 0, 0, : L - 1] = torch.eye(L)[: L - 1]
     q = torch.zeros(1, 1, 1, L)
     q[..., 0] = 1
-    k = torch.zeros(1, 1, L, L)
-    k[0, 0, :, 0] = -torch.linspace(0, 100, L) * L**0.5  # score of key l: -100 l / (L - 1)
-    v = torch.eye(L).reshape(1, 1, L, L)
+    k_new = torch.zeros(1, 1, 1, L)
+    k_new[..., 0] = scores[-1]
+    v_new = torch.eye(L)[L - 1].reshape(1, 1, 1, L)
+    cos, sin = torch.ones(1, 1, 1, L), torch.zeros(1, 1, 1, L)  # RoPE at position 0: the identity
     mask = torch.ones(1, 1, 1, L, dtype=torch.bool)
     mask[..., 3] = False
+    ref_cache = cache_with_history(1, 1, L, L - 1, torch.Generator().manual_seed(0))
+    ref_cache.k.copy_(cache.k), ref_cache.v.copy_(cache.v)
     with torch.no_grad():
-        y = native.decode_attention(q, k, v, mask)
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert y is not None and y[0, 0, 0, 3] == 0
+        y = native.decode_attention(q, k_new, v_new, cos, sin, cache, 1, mask)
+        ref = torch_step(q, k_new, v_new, cos, sin, ref_cache, mask)
+    assert y is not None and y[0, 0, 3] == 0
     torch.testing.assert_close(y, ref, atol=1e-7, rtol=1e-5)
-
-
-@needs_kernel
-def test_sampling_kernel_draws_what_the_torch_draw_does():
-    """Same logits and uniforms: the same tokens as `generate.draw` and the log-softmax of each (rows
-    with -inf entries, a row with one allowed token, u at 0 and next to 1 included); frequencies
-    over many draws follow softmax(logits)."""
-    from minimind.generate import draw
-
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 6400, generator=gen) * 3
-    logits[1, :100] = float("-inf")
-    logits[2] = float("-inf")
-    logits[2, 4321] = 0.5
-    u = torch.rand(64, generator=gen, dtype=torch.float64)
-    u[3], u[4] = 0.0, 1 - 2**-53
-    with torch.no_grad():
-        tokens, logp = native.sample_rows(logits, u)
-    ref_logp = logits.log_softmax(-1)
-    ref = draw(ref_logp.exp(), u)
-    assert (tokens == ref).float().mean() >= 0.95  # a draw can land on a boundary that rounding moves
-    assert tokens[2] == 4321 and tokens[1] >= 100 and logp[2] == 0
-    torch.testing.assert_close(logp, ref_logp.gather(-1, tokens[:, None]).squeeze(-1), atol=2e-6, rtol=1e-5)
-    small = torch.tensor([[0.0, 1.0, float("-inf"), -1.0]])
-    n = 100_000
-    with torch.no_grad():
-        picks, _ = native.sample_rows(small.expand(n, -1), torch.rand(n, generator=gen, dtype=torch.float64))
-    freq = torch.bincount(picks, minlength=4).double() / n
-    p = small[0].softmax(-1).double()
-    assert freq[2] == 0 and ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), freq
 
 
 @needs_kernel
@@ -179,7 +187,7 @@ def test_decoding_with_the_kernel_matches_torch(monkeypatch):
     model = sharp_model("gqa")
     prompts = [[5, 17, 42, 9], [7, 7, 100], [300, 12, 13, 14, 15, 16]]
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=1.0, seed=4)
-    calls = {"decode_linear": 0, "decode_attention": 0}
+    calls = {"decode_linear": 0, "decode_attention": 0, "sample_rows": 0}
 
     def counting(name):
         real = getattr(native, name)
@@ -195,6 +203,7 @@ def test_decoding_with_the_kernel_matches_torch(monkeypatch):
         monkeypatch.setattr(native, name, counting(name))
     fast = generate(model, prompts, params)
     assert calls["decode_linear"] > 0 and calls["decode_attention"] == 11 * model.cfg.num_layers
+    assert calls["sample_rows"] == 12
     monkeypatch.setattr(native, "_state", "off")
     slow = generate(model, prompts, params)
     assert [g.tokens for g in fast.generations] == [g.tokens for g in slow.generations]

@@ -11,8 +11,9 @@
  * tile while the first rows of x are processed). Each output is summed in a fixed order whatever the
  * thread count, so results are the same from run to run.
  *
- * decode_attention: softmax(q k^T / sqrt(d)) v for one query per (row, head) against the KV cache, the
- * case where torch's attention kernels spend most of their time in per-call overheads.
+ * decode_attention: RoPE, the KV-cache write and softmax(q k^T / sqrt(d)) v for one new token per row,
+ * the case where torch's attention kernels (and the dozen small ops around them) are mostly overhead.
+ * sample_rows: the next token of each row from its logits (inverse CDF) and its log-probability.
  *
  * Built on first use by minimind/native.py with the system C compiler (-O3 -mavx2 -mfma -fopenmp);
  * checked against F.linear and F.scaled_dot_product_attention in tests/test_native.py.
@@ -141,22 +142,36 @@ void decode_rmsnorm(const float *x, const float *w, float *y, long M, long D, fl
   }
 }
 
-/* q: (B, H, D) contiguous. k, v: (B, KVH, L, D) with row stride D and the given batch / head strides
- * (views of the preallocated cache). keep: (B, L) bytes, 0 = padding (NULL: keep all). out: (B, H, D).
- * scratch: (threads, L) floats, one row of scores per thread.
- * Query head h reads key/value head h / (H / KVH) (grouped-query attention). A row that may see no key
- * gets zeros (torch would give NaN; the model never asks for one). */
-void decode_attention(const float *q, const float *k, const float *v, const unsigned char *keep, float *out,
-                      long B, long H, long KVH, long L, long D, long kv_batch_stride, long kv_head_stride,
-                      float scale, float *scratch, int threads) {
+/* RoPE of one head row: y = x * cos + roll(x, D / 2) * signed_sin (signed_sin's first half negated). */
+static void rope(const float *x, const float *c, const float *s, float *y, long D) {
+  long h = D / 2;
+  for (long d = 0; d < D; d++) y[d] = x[d] * c[d] + x[d < h ? d + h : d - h] * s[d];
+}
+
+/* The attention of one decode step, one new token per row:
+ *   k_new, v_new (B, KVH, D) -> RoPE on k -> written at position L - 1 of the cache k, v (B, KVH, *, D:
+ *   row stride D, the given batch / head strides), then for every query head q (B, H, D), after RoPE,
+ *   softmax(q k^T / sqrt(D)) v over the L cached positions -> out (B, H, D).
+ * cos, sin: (B, D), the new token's position in each row. keep: (B, L) bytes, 0 = padding (NULL: keep
+ * all). scratch: (threads, L + D) floats. Query head h reads key/value head h / (H / KVH) (grouped-query
+ * attention). A row that may see no key gets zeros (torch would give NaN; the model never asks for one). */
+void decode_attention(const float *q, const float *k_new, const float *v_new, const float *cos, const float *sin,
+                      float *k, float *v, const unsigned char *keep, float *out, long B, long H, long KVH, long L,
+                      long D, long kv_batch_stride, long kv_head_stride, float scale, float *scratch, int threads) {
   long group = H / KVH;
 #pragma omp parallel num_threads(threads)
   {
-    float *p = scratch + omp_get_thread_num() * L;
+    float *p = scratch + omp_get_thread_num() * (L + D), *qr = p + L;
+#pragma omp for schedule(static)
+    for (long bk = 0; bk < B * KVH; bk++) {
+      long b = bk / KVH, off = b * kv_batch_stride + (bk % KVH) * kv_head_stride + (L - 1) * D;
+      rope(k_new + bk * D, cos + b * D, sin + b * D, k + off, D);
+      for (long d = 0; d < D; d++) v[off + d] = v_new[bk * D + d];
+    }
 #pragma omp for schedule(static)
     for (long bh = 0; bh < B * H; bh++) {
       long b = bh / H, h = bh % H;
-      const float *qr = q + bh * D;
+      rope(q + bh * D, cos + b * D, sin + b * D, qr, D);
       const float *kb = k + b * kv_batch_stride + (h / group) * kv_head_stride;
       const float *vb = v + b * kv_batch_stride + (h / group) * kv_head_stride;
       const unsigned char *kp = keep ? keep + b * L : NULL;
