@@ -146,8 +146,9 @@ def decode_attention(
     cache, grouped-query. What the model does with apply_rope, KVCache.update and
     F.scaled_dot_product_attention, in one call.
 
-    q: (B, 1, H, D), k, v: (B, 1, KVH, D) as projected; cos, sin: (B, 1, 1, D) from RotaryEmbedding;
+    q: (B, 1, H, D), k, v: (B, 1, KVH, D) as projected; cos, sin: (B or 1, 1, 1, D) from RotaryEmbedding;
     mask: None or a boolean (B, 1, 1, length + 1), True where a key may be seen. Returns (B, H, D).
+    Without padding, positions are shared: cos and sin may have batch size 1.
     """
     B, T, H, D = q.shape
     KVH, L = k.shape[2], cache.length + 1
@@ -167,7 +168,7 @@ def decode_attention(
     if lib is None:
         return None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    cos, sin = cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous()
+    cos, sin = (t.expand(B, 1, 1, D).reshape(B, D).contiguous() for t in (cos, sin))  # (1, ...) unpadded
     keep = None if mask is None else mask.expand(B, 1, 1, L).reshape(B, L).contiguous()
     kc, vc = cache.k[layer], cache.v[layer]  # (B, KVH, max_len, D)
     out = torch.empty((B, H, D), dtype=torch.float32)

@@ -80,7 +80,10 @@ def test_attention_kernel_equals_rope_cache_update_and_sdpa(heads, kv_heads, d, 
         for b in range(B):
             keep[b, : min(b * 3, past)] = False  # row b has b * 3 pads on the left
     rotary = RotaryEmbedding(SimpleNamespace(head_dim=d, rope_theta=1e6, rope_scaling="", max_position_embeddings=512))
-    cos, sin = rotary(keep.long().sum(-1, keepdim=True) - 1)  # the new token's position in each row
+    if padded:
+        cos, sin = rotary(keep.long().sum(-1, keepdim=True) - 1)  # the new token's position in each row
+    else:
+        cos, sin = rotary(torch.tensor([[past]]))  # no padding: one position shared by all rows (batch 1)
     mask = keep[:, None, None, :] if padded else None
     ours, ref = cache_with_history(B, kv_heads, d, past, gen), cache_with_history(B, kv_heads, d, past, gen)
     ours.k.copy_(ref.k), ours.v.copy_(ref.v)
@@ -181,11 +184,12 @@ def test_kernel_is_used_only_for_few_rows_without_gradients():
 
 
 @needs_kernel
-def test_decoding_with_the_kernel_matches_torch(monkeypatch):
-    """The model's decode steps go through both kernels (counted) and give torch's log-probs and tokens,
-    left-padded rows included."""
+@pytest.mark.parametrize("padded", [True, False])
+def test_decoding_with_the_kernel_matches_torch(monkeypatch, padded):
+    """The model's decode steps go through the kernels (counted) and give torch's log-probs and tokens,
+    with left-padded rows and without padding (one position shared by every row)."""
     model = sharp_model("gqa")
-    prompts = [[5, 17, 42, 9], [7, 7, 100], [300, 12, 13, 14, 15, 16]]
+    prompts = [[5, 17, 42, 9], [7, 7, 100], [300, 12, 13, 14, 15, 16]] if padded else [[5, 17, 42, 9]] * 3
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=1.0, seed=4)
     calls = {"decode_linear": 0, "decode_attention": 0, "sample_rows": 0}
 
