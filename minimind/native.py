@@ -226,4 +226,6 @@ def sample_rows(logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, to
     lib.sample_rows(
         logits.data_ptr(), B, V, u.data_ptr(), tokens.data_ptr(), logp.data_ptr(), scratch.data_ptr(), threads
     )
+    if int(tokens.min()) < 0:
+        raise ValueError("the model's logits contain NaN (diverged or corrupted weights?): nothing to sample from")
     return tokens, logp

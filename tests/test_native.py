@@ -157,6 +157,14 @@ def test_softmax_exp_is_accurate_down_to_masked_keys():
 
 
 @needs_kernel
+def test_sampling_kernel_refuses_nan_logits():
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN"):
+        native.sample_rows(logits, torch.rand(3, dtype=torch.float64))
+
+
+@needs_kernel
 def test_kernel_result_does_not_depend_on_the_thread_count():
     x, w = torch.randn(16, 512), torch.randn(1400, 512)
     threads = torch.get_num_threads()

@@ -219,7 +219,8 @@ void decode_attention(const float *q, const float *k_new, const float *v_new, co
  * token whose cumulative probability first exceeds u[b] * total (inverse CDF: one uniform per row) and
  * its log-probability (x - max) - log(sum e^(x - max)). Probabilities are e^(x - max) in float32 (the
  * vectorised exp above), summed in float64; the target stays strictly below the total, and a token of
- * probability 0 never moves the running sum, so it is never chosen. scratch: (threads, V) floats. */
+ * probability 0 never moves the running sum, so it is never chosen. A row with a NaN logit gets token -1.
+ * scratch: (threads, V) floats. */
 void sample_rows(const float *logits, long B, long V, const double *u, long *tokens, float *logp, float *scratch,
                  int threads) {
 #pragma omp parallel num_threads(threads)
@@ -229,7 +230,12 @@ void sample_rows(const float *logits, long B, long V, const double *u, long *tok
     for (long b = 0; b < B; b++) {
       const float *x = logits + b * V;
       float top = -INFINITY;
-      for (long i = 0; i < V; i++) top = x[i] > top ? x[i] : top;
+      int nan = 0;
+      for (long i = 0; i < V; i++) top = x[i] > top ? x[i] : top, nan |= x[i] != x[i];
+      if (nan) { /* nothing to sample from: the caller raises */
+        tokens[b] = -1, logp[b] = NAN;
+        continue;
+      }
       for (long i = 0; i < V; i++) e[i] = x[i];
       exp_shifted(e, V, top);
       double total = 0.0;
