@@ -6,7 +6,7 @@ to a half of the CPU's peak at 16, and torch's attention kernels spend most of a
 overheads; together that was two thirds of a step (RMSNorm, a chain of small ops in torch, another
 twentieth). Sampling from the logits, a few passes over (rows, vocabulary) in torch with large
 temporaries that glibc hands back to the OS and faults in again every step, took another 1.4 ms.
-`csrc/decode.c` (AVX2 kernels, ~230 lines) does these instead. It is compiled on first
+`csrc/decode.c` (AVX2 kernels, ~260 lines) does these instead. It is compiled on first
 use with the system C compiler into a cache folder and loaded with ctypes; its OpenMP threads are
 torch's own (the runtime `torch` already loaded), sized by `torch.get_num_threads()`.
 
@@ -102,7 +102,7 @@ def load() -> ctypes.CDLL | None:
                     fn.restype = None
                 _kernel, _state = lib, "ready"
             except (OSError, RuntimeError) as e:
-                warnings.warn(f"native decode kernel unavailable, using torch's matmul: {e}", stacklevel=2)
+                warnings.warn(f"native decode kernels unavailable, torch does their work: {e}", stacklevel=2)
     return _kernel
 
 
@@ -188,7 +188,7 @@ def decode_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
         _state == "off"
         or x.device.type != "cpu"
         or not (x.dtype == weight.dtype == torch.float32)
-        or x.numel() > MAX_ROWS * 16 * x.shape[-1]
+        or x.numel() > MAX_ROWS * 16 * x.shape[-1]  # single-threaded: decode rows (and q/k-norm heads) only
         or torch.is_grad_enabled()
         or not weight.is_contiguous()
     ):

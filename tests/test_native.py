@@ -224,17 +224,21 @@ def test_decoding_with_the_kernel_matches_torch(monkeypatch, padded):
 
 
 @needs_kernel
-def test_build_is_cached_and_keyed_by_the_source(fresh_native):
+def test_build_is_cached_and_keyed_by_the_source(fresh_native, monkeypatch):
     lib = native.build()
     assert lib.parent == fresh_native / "native" and lib.exists()
     stamp = lib.stat().st_mtime_ns
     assert native.build() == lib and lib.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert not list(lib.parent.glob("*.tmp"))  # written under a temporary name, then renamed
+    changed = fresh_native / "decode.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    assert native.build() != lib  # an edited source is a new library, never a stale one
 
 
 @pytest.mark.skipif(not native.supported(), reason="the kernel is not tried on this platform")
 def test_without_a_compiler_decoding_falls_back_to_torch(fresh_native, monkeypatch):
-    """No compiler: one warning naming the cause, then torch's matmul; generation still works."""
+    """No compiler: one warning naming the cause, then torch; generation still works."""
     monkeypatch.setenv("CC", "no-such-cc")
     with pytest.warns(UserWarning, match="no-such-cc"):
         assert native.load() is None

@@ -1,4 +1,4 @@
-/* Decoding on x86-64 CPUs: the two things a decode step spends its time on, for one new token per row.
+/* Decoding on x86-64 CPUs: what a decode step (one new token per row) spends its time on.
  *
  * decode_gemm: y = x @ w^T, a few rows of x (one per sequence) against a large weight.
  * x: (M, K) row-major, w: (N, K) row-major (nn.Linear's layout), y: (M, N) row-major, float32.
@@ -13,10 +13,11 @@
  *
  * decode_attention: RoPE, the KV-cache write and softmax(q k^T / sqrt(d)) v for one new token per row,
  * the case where torch's attention kernels (and the dozen small ops around them) are mostly overhead.
+ * decode_rmsnorm: RMSNorm, one call instead of torch's chain of small ops.
  * sample_rows: the next token of each row from its logits (inverse CDF) and its log-probability.
  *
  * Built on first use by minimind/native.py with the system C compiler (-O3 -mavx2 -mfma -fopenmp);
- * checked against F.linear and F.scaled_dot_product_attention in tests/test_native.py.
+ * each function is checked against the torch code it replaces in tests/test_native.py.
  */
 #include <immintrin.h>
 #include <math.h>
