@@ -325,6 +325,17 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model
 
+_registrations = 0  # modules and parameters registered so far, in any module (see decode_weights)
+
+
+def _count_registration(*_: object) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
 
 @dataclass
 class ModelOutput:
@@ -346,6 +357,7 @@ class MiniMind(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg)
         self.grad_checkpointing = False
+        self._decode_weights: tuple[int, list[torch.Tensor | None] | None] = (-1, None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -387,6 +399,10 @@ class MiniMind(nn.Module):
         device = input_ids.device
         if position_ids is None:
             position_ids = positions_from(T, past, attention_mask, segment_ids, device)
+        if T == 1 and cache is not None and segment_ids is None and not (self.training and self.cfg.dropout):
+            out = self.decode_natively(input_ids, attention_mask, position_ids, cache, return_hidden)
+            if out is not None:
+                return out
         mask = build_attention_mask(T, past, attention_mask, segment_ids, device)
         cos, sin = self.rotary(position_ids)
         h = self.dropout(self.embed_tokens(input_ids))
@@ -404,6 +420,65 @@ class MiniMind(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return ModelOutput(self.lm_head(h), aux * self.cfg.aux_loss_coef, hidden)
+
+    def decode_natively(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        return_hidden: bool,
+    ) -> ModelOutput | None:
+        """One decode step (one new token per row) as a single native kernel call on x86-64 CPUs, the
+        same computation as the loop in `forward`; None where it does not apply (see `decode_weights`,
+        `native.decode_step`)."""
+        weights = self.decode_weights()
+        if weights is None:
+            return None
+        cos, sin = self.rotary(position_ids)
+        keep = None
+        if attention_mask is not None:  # the new token always sees itself, as in build_attention_mask
+            keep = attention_mask.bool()
+            keep[:, -1] = True
+        h = self.embed_tokens(input_ids)[:, 0]
+        out = native.decode_step(
+            weights, self.norm.weight, self.lm_head.weight, h, cos[:, 0, 0], sin[:, 0, 0], keep, cache,
+            self.cfg.num_heads, self.cfg.rms_norm_eps,
+        )  # fmt: skip
+        if out is None:
+            return None
+        cache.length += 1
+        logits, hidden = out
+        zero = torch.zeros((), device=h.device)
+        return ModelOutput(logits[:, None], zero, hidden[:, None] if return_hidden else None)
+
+    def decode_weights(self) -> list[torch.Tensor | None] | None:
+        """Per layer, the 11 weights the fused native decode step reads (decode.c's order; no q/k norm:
+        None); None unless every layer is the plain dense block with `Linear` projections (LoRA-wrapped
+        ones and MoE take the module-by-module path).
+
+        Walking the modules costs ~0.5 ms (a twentieth of a step), so the answer is kept until a module
+        or parameter is registered anywhere (LoRA injection, a replaced layer, re-tied weights)."""
+        if self._decode_weights[0] != _registrations:
+            self._decode_weights = (_registrations, self._find_decode_weights())
+        return self._decode_weights[1]
+
+    def _find_decode_weights(self) -> list[torch.Tensor | None] | None:
+        if type(self.lm_head) is not Linear:
+            return None
+        out: list[torch.Tensor | None] = []
+        for layer in self.layers:
+            a, f = layer.self_attn, layer.mlp
+            if type(f) is not FeedForward:
+                return None
+            projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj)
+            if any(type(p) is not Linear or p.bias is not None for p in projs):
+                return None
+            qn, kn = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
+            out += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, qn, kn]
+            out += [a.o_proj.weight, layer.post_attention_layernorm.weight]
+            out += [f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight]
+        return out
 
     # ---- bookkeeping -------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from conftest import sharp_model
 
 from minimind import native
 from minimind.generate import SamplingParams, generate
-from minimind.model import KVCache, RotaryEmbedding, apply_rope
+from minimind.lora import LoRAConfig, inject
+from minimind.model import KVCache, MiniMind, RotaryEmbedding, apply_rope
 
 needs_kernel = pytest.mark.skipif(
     not native.supported() or shutil.which("cc") is None, reason="needs Linux x86-64 with AVX2 and a C compiler"
@@ -191,15 +192,31 @@ def test_kernel_is_used_only_for_few_rows_without_gradients():
     assert native.decode_linear(torch.randn(4, 32), w.T.contiguous().T) is None  # non-contiguous weight
 
 
-@needs_kernel
-@pytest.mark.parametrize("padded", [True, False])
-def test_decoding_with_the_kernel_matches_torch(monkeypatch, padded):
-    """The model's decode steps go through the kernels (counted) and give torch's log-probs and tokens,
-    with left-padded rows and without padding (one position shared by every row)."""
+def lora_model() -> MiniMind:
+    """sharp_model with LoRA on q/v (non-zero B, so the adapters change the output)."""
     model = sharp_model("gqa")
+    inject(model, LoRAConfig(rank=4, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.25)
+    return model.eval()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "kind,padded,fused",
+    [("gqa", True, True), ("gqa", False, True), ("qk_norm", True, True), ("yarn", True, True),
+     ("moe", True, False), ("lora", True, False)],
+)  # fmt: skip
+def test_decoding_with_the_kernels_matches_torch(monkeypatch, kind, padded, fused):
+    """The model's decode steps go through the kernels (counted) and give torch's log-probs and tokens,
+    with left-padded rows and without padding (one position shared by every row). Dense models take the
+    fused step (one call per token); MoE and LoRA-wrapped projections take the module-by-module kernels."""
+    model = lora_model() if kind == "lora" else sharp_model(kind)
     prompts = [[5, 17, 42, 9], [7, 7, 100], [300, 12, 13, 14, 15, 16]] if padded else [[5, 17, 42, 9]] * 3
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=1.0, seed=4)
-    calls = {"decode_linear": 0, "decode_attention": 0, "sample_rows": 0}
+    calls = {"decode_step": 0, "decode_linear": 0, "decode_attention": 0, "sample_rows": 0}
 
     def counting(name):
         real = getattr(native, name)
@@ -214,13 +231,65 @@ def test_decoding_with_the_kernel_matches_torch(monkeypatch, padded):
     for name in calls:
         monkeypatch.setattr(native, name, counting(name))
     fast = generate(model, prompts, params)
-    assert calls["decode_linear"] > 0 and calls["decode_attention"] == 11 * model.cfg.num_layers
     assert calls["sample_rows"] == 12
+    if fused:
+        assert calls["decode_step"] == 11 and calls["decode_attention"] == 0
+    else:
+        assert calls["decode_step"] == 0 and calls["decode_attention"] == 11 * model.cfg.num_layers
     monkeypatch.setattr(native, "_state", "off")
     slow = generate(model, prompts, params)
     assert [g.tokens for g in fast.generations] == [g.tokens for g in slow.generations]
     for f, s in zip(fast.generations, slow.generations):
         torch.testing.assert_close(torch.tensor(f.logprobs), torch.tensor(s.logprobs), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["gqa", "qk_norm"])
+def test_fused_step_equals_the_module_by_module_kernels(kind):
+    """One fused call computes what the modules compute with the per-module kernels: logits, final hidden
+    states and the cache rows written agree to float32 rounding (same products, same order; only SiLU's
+    exp differs), over several steps with padding."""
+    model = sharp_model(kind)
+    ids = torch.tensor([[0, 0, 5, 17, 42], [7, 8, 9, 10, 11]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    tokens = torch.tensor([[3], [4]])
+    runs = []
+    for fused in (True, False):
+        cache = KVCache(model.cfg, 2, 9)
+        outs = []
+        with torch.no_grad():
+            model(ids, attention_mask=mask[:, :5], cache=cache)
+            for step in range(4):
+                weights = model.decode_weights
+                if not fused:
+                    model.decode_weights = lambda: None
+                outs.append(model(tokens + step, attention_mask=mask[:, : 6 + step], cache=cache, return_hidden=True))
+                model.decode_weights = weights
+        runs.append((outs, cache))
+    (fused_outs, fused_cache), (module_outs, module_cache) = runs
+    for f, m in zip(fused_outs, module_outs):
+        torch.testing.assert_close(f.logits, m.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f.hidden, m.hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_cache.k, module_cache.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_cache.v, module_cache.v, atol=1e-5, rtol=1e-5)
+    assert fused_cache.length == module_cache.length == 9
+
+
+def test_fused_step_weights_follow_the_modules():
+    """The fused step's weight list is cached, and a LoRA injection or a replaced projection (after
+    which it would compute the wrong model) drops it."""
+    model = sharp_model("gqa")
+    weights = model.decode_weights()
+    assert weights is not None and len(weights) == 11 * model.cfg.num_layers
+    assert weights[1] is model.layers[0].self_attn.q_proj.weight and weights[4] is None  # no q/k norm
+    assert model.decode_weights() is weights  # cached
+    inject(model, LoRAConfig(rank=2, targets=["v_proj"]))
+    assert model.decode_weights() is None
+    other = sharp_model("gqa")
+    assert other.decode_weights() is not None
+    other.layers[1].mlp.up_proj = torch.nn.Linear(64, other.cfg.intermediate_size, bias=False)
+    assert other.decode_weights() is None
+    assert sharp_model("moe").decode_weights() is None
 
 
 @needs_kernel

@@ -41,7 +41,7 @@ static float dot(const float *x, const float *w, long K) {
 }
 
 /* The 4 x 3 tile: y[m0..m0+3][n0..n0+2]. K8 = K rounded down to a multiple of 8. */
-static void tile4x3(const float *x, const float *w, float *y, long N, long K, long K8, int prefetch) {
+static void tile4x3(const float *x, const float *w, float *y, long N, long K, long K8, int prefetch, int add) {
   const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K;
   const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
@@ -68,21 +68,33 @@ static void tile4x3(const float *x, const float *w, float *y, long N, long K, lo
     for (int j = 0; j < 3; j++) {
       float t = s[i][j];
       for (long k = K8; k < K; k++) t += x[i * K + k] * w[j * K + k];
-      y[i * N + j] = t;
+      y[i * N + j] = add ? y[i * N + j] + t : t;
     }
 }
 
-void decode_gemm(const float *x, const float *w, float *y, long M, long N, long K, int threads) {
+/* y = x @ w^T (add: y += x @ w^T, the residual stream's "h + proj(x)" with the same rounding).
+ * Orphaned work-sharing (`omp for ... nowait`): called inside a parallel region, the threads split the
+ * weight rows and go on without waiting (the caller puts the barrier where a result is read). */
+static void gemm(const float *x, const float *w, float *y, long M, long N, long K, int add) {
   long K8 = K / 8 * 8, tiles = N / 3;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp for schedule(static) nowait
   for (long t = 0; t <= tiles; t++) {
     long n0 = t * 3, n1 = n0 + 3 <= N ? n0 + 3 : N;
     long m0 = 0;
     if (n1 - n0 == 3)
-      for (; m0 + 4 <= M; m0 += 4) tile4x3(x + m0 * K, w + n0 * K, y + m0 * N + n0, N, K, K8, m0 == 0 && t + 1 < tiles);
+      for (; m0 + 4 <= M; m0 += 4)
+        tile4x3(x + m0 * K, w + n0 * K, y + m0 * N + n0, N, K, K8, m0 == 0 && t + 1 < tiles, add);
     for (long m = m0; m < M; m++) /* rows of x left over, and the last weight rows */
-      for (long n = n0; n < n1; n++) y[m * N + n] = dot(x + m * K, w + n * K, K);
+      for (long n = n0; n < n1; n++) {
+        float d = dot(x + m * K, w + n * K, K);
+        y[m * N + n] = add ? y[m * N + n] + d : d;
+      }
   }
+}
+
+void decode_gemm(const float *x, const float *w, float *y, long M, long N, long K, int threads) {
+#pragma omp parallel num_threads(threads)
+  gemm(x, w, y, M, N, K, 0);
 }
 
 /* e^x for 8 floats, x <= 0 (softmax after subtracting the maximum): x = n ln2 + r with |r| <= ln2 / 2,
@@ -134,14 +146,18 @@ static void exp_shifted(float *p, long L, float top) {
   for (; l < L; l++) p[l] = expf(p[l] - top);
 }
 
-/* y = w * (x / sqrt(mean(x^2) + eps)) for each of M rows of D: RMSNorm (float32 statistics). */
-void decode_rmsnorm(const float *x, const float *w, float *y, long M, long D, float eps) {
+/* y = w * (x / sqrt(mean(x^2) + eps)) for each of M rows of D: RMSNorm (float32 statistics). y may be x.
+ * Work-shared by rows inside a parallel region (with the loop's barrier); on one thread outside one. */
+static void rmsnorm(const float *x, const float *w, float *y, long M, long D, float eps) {
+#pragma omp for schedule(static)
   for (long m = 0; m < M; m++) {
     const float *xr = x + m * D;
     float r = 1.0f / sqrtf(dot(xr, xr, D) / D + eps);
     for (long d = 0; d < D; d++) y[m * D + d] = w[d] * (xr[d] * r);
   }
 }
+
+void decode_rmsnorm(const float *x, const float *w, float *y, long M, long D, float eps) { rmsnorm(x, w, y, M, D, eps); }
 
 /* RoPE of one head row: y = x * cos + roll(x, D / 2) * signed_sin (signed_sin's first half negated). */
 static void rope(const float *x, const float *c, const float *s, float *y, long D) {
@@ -156,11 +172,10 @@ static void rope(const float *x, const float *c, const float *s, float *y, long 
  * cos, sin: (B, D), the new token's position in each row. keep: (B, L) bytes, 0 = padding (NULL: keep
  * all). scratch: (threads, L + D) floats. Query head h reads key/value head h / (H / KVH) (grouped-query
  * attention). A row that may see no key gets zeros (torch would give NaN; the model never asks for one). */
-void decode_attention(const float *q, const float *k_new, const float *v_new, const float *cos, const float *sin,
+static void attention(const float *q, const float *k_new, const float *v_new, const float *cos, const float *sin,
                       float *k, float *v, const unsigned char *keep, float *out, long B, long H, long KVH, long L,
-                      long D, long kv_batch_stride, long kv_head_stride, float scale, float *scratch, int threads) {
+                      long D, long kv_batch_stride, long kv_head_stride, float scale, float *scratch) {
   long group = H / KVH;
-#pragma omp parallel num_threads(threads)
   {
     float *p = scratch + omp_get_thread_num() * (L + D), *qr = p + L;
 #pragma omp for schedule(static)
@@ -213,6 +228,81 @@ void decode_attention(const float *q, const float *k_new, const float *v_new, co
       }
       for (long d = 0; d < D; d++) o[d] /= total;
     }
+  }
+}
+
+void decode_attention(const float *q, const float *k_new, const float *v_new, const float *cos, const float *sin,
+                      float *k, float *v, const unsigned char *keep, float *out, long B, long H, long KVH, long L,
+                      long D, long kv_batch_stride, long kv_head_stride, float scale, float *scratch, int threads) {
+#pragma omp parallel num_threads(threads)
+  attention(q, k_new, v_new, cos, sin, k, v, keep, out, B, H, KVH, L, D, kv_batch_stride, kv_head_stride, scale,
+            scratch);
+}
+
+/* g = silu(g) * u = g * sigmoid(g) * u for n floats (the SwiGLU gate), work-shared. sigmoid from
+ * e = e^-|g| (never overflows): 1 / (1 + e) for g >= 0, e / (1 + e) below. */
+static void silu_mul(float *g, const float *u, long n) {
+  long n8 = n / 8;
+#pragma omp for schedule(static)
+  for (long i = 0; i < n8; i++) {
+    __m256 x = _mm256_loadu_ps(g + 8 * i);
+    __m256 e = exp_nonpositive(_mm256_or_ps(_mm256_set1_ps(-0.0f), x)); /* e^-|x| */
+    __m256 s = _mm256_div_ps(_mm256_blendv_ps(_mm256_set1_ps(1.0f), e, x), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    _mm256_storeu_ps(g + 8 * i, _mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_loadu_ps(u + 8 * i)));
+  }
+#pragma omp single
+  for (long i = n8 * 8; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* A whole decode step of a dense model, one new token per row, in one parallel region (what the model's
+ * modules do with the kernels above, without a Python call per module):
+ *   for each layer: h += o(attention(rope(q(n1)), rope(k(n1)), v(n1), cache)), n1 = rmsnorm(h)
+ *                   h += down(silu(gate(n2)) * up(n2)),                          n2 = rmsnorm(h)
+ *   hidden = rmsnorm(h); logits = hidden @ head^T
+ * w: per layer, STEP_WEIGHTS pointers in the order of the enum (q_norm, k_norm NULL: no q/k norm).
+ * h: (M, D) the new tokens' embeddings, overwritten (the residual stream). k, v: the cache, (layers, B,
+ * KVH, *, Dh) with the given strides; position L - 1 is written. cos, sin: (M, Dh); keep as in
+ * decode_attention. scratch: decode_step_scratch(...) floats. */
+enum { ATTN_NORM, WQ, WK, WV, Q_NORM, K_NORM, WO, MLP_NORM, WGATE, WUP, WDOWN, STEP_WEIGHTS };
+
+long decode_step_scratch(long M, long D, long H, long KVH, long Dh, long F, long L, int threads) {
+  return M * D + 2 * M * H * Dh + 2 * M * KVH * Dh + 2 * M * F + threads * (L + Dh);
+}
+
+void decode_step(const float *const *w, long layers, const float *norm, const float *head, float *h, float *hidden,
+                 float *logits, float *k, float *v, long layer_stride, long batch_stride, long head_stride,
+                 const float *cos, const float *sin, const unsigned char *keep, long M, long D, long H, long KVH,
+                 long Dh, long F, long V, long L, float eps, float *scratch, int threads) {
+  float *n = scratch, *q = n + M * D, *kn = q + M * H * Dh, *vn = kn + M * KVH * Dh, *a = vn + M * KVH * Dh;
+  float *g = a + M * H * Dh, *u = g + M * F, *att = u + M * F;
+  float scale = (float)pow((double)Dh, -0.5); /* as torch's D ** -0.5 */
+#pragma omp parallel num_threads(threads)
+  {
+    for (long l = 0; l < layers; l++) {
+      const float *const *lw = w + l * STEP_WEIGHTS;
+      rmsnorm(h, lw[ATTN_NORM], n, M, D, eps);
+      gemm(n, lw[WQ], q, M, H * Dh, D, 0);
+      gemm(n, lw[WK], kn, M, KVH * Dh, D, 0);
+      gemm(n, lw[WV], vn, M, KVH * Dh, D, 0);
+#pragma omp barrier
+      if (lw[Q_NORM]) {
+        rmsnorm(q, lw[Q_NORM], q, M * H, Dh, eps);
+        rmsnorm(kn, lw[K_NORM], kn, M * KVH, Dh, eps);
+      }
+      attention(q, kn, vn, cos, sin, k + l * layer_stride, v + l * layer_stride, keep, a, M, H, KVH, L, Dh,
+                batch_stride, head_stride, scale, att);
+      gemm(a, lw[WO], h, M, D, H * Dh, 1);
+#pragma omp barrier
+      rmsnorm(h, lw[MLP_NORM], n, M, D, eps);
+      gemm(n, lw[WGATE], g, M, F, D, 0);
+      gemm(n, lw[WUP], u, M, F, D, 0);
+#pragma omp barrier
+      silu_mul(g, u, M * F);
+      gemm(g, lw[WDOWN], h, M, D, F, 1);
+#pragma omp barrier
+    }
+    rmsnorm(h, norm, hidden, M, D, eps);
+    gemm(hidden, head, logits, M, V, D, 0);
   }
 }
 
