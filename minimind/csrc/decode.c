@@ -117,23 +117,23 @@ static inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_andnot_ps(small, _mm256_mul_ps(e, _mm256_castsi256_ps(two_n)));
 }
 
-/* p[l] = scale * (q . k_l) for L keys of D: four keys at a time, so that four independent FMA chains
+/* p[l] = scale * (q . k_l) for L keys of D: eight keys at a time, so that eight independent FMA chains
  * hide each other's latency (one dot product alone waits on its own additions). */
 static void scores(const float *q, const float *k, float *p, long L, long D, float scale) {
   long l = 0, D8 = D / 8 * 8;
-  for (; l + 4 <= L; l += 4) {
-    const float *k0 = k + l * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; l + 8 <= L; l += 8) {
+    const float *kl = k + l * D;
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
     for (long d = 0; d < D8; d += 8) {
       __m256 u = _mm256_loadu_ps(q + d);
-      a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(k0 + d), a0);
-      a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(k1 + d), a1);
-      a2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(k2 + d), a2);
-      a3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(k3 + d), a3);
+      for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(u, _mm256_loadu_ps(kl + i * D + d), a[i]);
     }
-    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-    for (long d = D8; d < D; d++) s[0] += q[d] * k0[d], s[1] += q[d] * k1[d], s[2] += q[d] * k2[d], s[3] += q[d] * k3[d];
-    for (int i = 0; i < 4; i++) p[l + i] = s[i] * scale;
+    for (int i = 0; i < 8; i++) {
+      float s = hsum(a[i]);
+      for (long d = D8; d < D; d++) s += q[d] * kl[i * D + d];
+      p[l + i] = s * scale;
+    }
   }
   for (; l < L; l++) p[l] = dot(q, k + l * D, D) * scale;
 }
