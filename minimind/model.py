@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from minimind import native
@@ -333,8 +334,15 @@ def _count_registration(*_: object) -> None:
     _registrations += 1
 
 
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch_module.register_module_module_registration_hook(_count_registration)
+torch_module.register_module_parameter_registration_hook(_count_registration)
+
+
+def has_forward_hooks(modules: list[nn.Module]) -> bool:
+    """Forward (pre-)hooks on any of `modules` or registered globally: a fused step would skip them."""
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
 
 
 @dataclass
@@ -357,7 +365,7 @@ class MiniMind(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg)
         self.grad_checkpointing = False
-        self._decode_weights: tuple[int, list[torch.Tensor | None] | None] = (-1, None)
+        self._decode_weights: tuple[int, list[torch.Tensor | None] | None, list[nn.Module]] = (-1, None, [])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -432,13 +440,13 @@ class MiniMind(nn.Module):
         """One decode step (one new token per row) as a single native kernel call on x86-64 CPUs, the
         same computation as the loop in `forward`; None where it does not apply (see `decode_weights`,
         `native.decode_step`)."""
-        weights = self.decode_weights()
+        weights = self.decode_weights() if native.may_apply(input_ids.device) else None
         if weights is None:
             return None
         cos, sin = self.rotary(position_ids)
         keep = None
         if attention_mask is not None:  # the new token always sees itself, as in build_attention_mask
-            keep = attention_mask.bool()
+            keep = attention_mask != 0
             keep[:, -1] = True
         h = self.embed_tokens(input_ids)[:, 0]
         out = native.decode_step(
@@ -455,13 +463,17 @@ class MiniMind(nn.Module):
     def decode_weights(self) -> list[torch.Tensor | None] | None:
         """Per layer, the 11 weights the fused native decode step reads (decode.c's order; no q/k norm:
         None); None unless every layer is the plain dense block with `Linear` projections (LoRA-wrapped
-        ones and MoE take the module-by-module path).
+        ones and MoE take the module-by-module path) and no module has forward hooks (they would not run).
 
-        Walking the modules costs ~0.5 ms (a twentieth of a step), so the answer is kept until a module
-        or parameter is registered anywhere (LoRA injection, a replaced layer, re-tied weights)."""
+        Walking the modules costs ~0.5 ms (a twentieth of a step), so the list is kept until a module
+        or parameter is registered anywhere (LoRA injection, a replaced layer, re-tied weights); hooks,
+        which can be added at any time, are checked every step (~10 us)."""
         if self._decode_weights[0] != _registrations:
-            self._decode_weights = (_registrations, self._find_decode_weights())
-        return self._decode_weights[1]
+            self._decode_weights = (_registrations, self._find_decode_weights(), list(self.modules()))
+        _, weights, modules = self._decode_weights
+        if weights is None or has_forward_hooks(modules):
+            return None
+        return weights
 
     def _find_decode_weights(self) -> list[torch.Tensor | None] | None:
         if type(self.lm_head) is not Linear:

@@ -206,6 +206,12 @@ def decode_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return y
 
 
+def may_apply(device: torch.device) -> bool:
+    """Whether a kernel could run now on `device` (not switched off, autograd off, CPU): a cheap check
+    before preparing a call."""
+    return _state != "off" and device.type == "cpu" and not torch.is_grad_enabled()
+
+
 def decode_step(
     weights: list[torch.Tensor | None],
     norm: torch.Tensor,

@@ -292,6 +292,29 @@ def test_fused_step_weights_follow_the_modules():
     assert sharp_model("moe").decode_weights() is None
 
 
+def test_fused_step_leaves_forward_hooks_and_masks_alone():
+    """A forward hook (on a layer, or global) sends decoding through the modules, so it runs; the
+    caller's attention mask is not modified."""
+    model = sharp_model("gqa")
+    seen = []
+    handle = model.layers[1].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    assert model.decode_weights() is None
+    cache = KVCache(model.cfg, 2, 8)
+    mask = torch.tensor([[False, True, True, False], [True, True, True, False]])
+    with torch.no_grad():
+        model(torch.tensor([[0, 5, 6], [7, 8, 9]]), attention_mask=mask[:, :3], cache=cache)
+        model(torch.tensor([[1], [2]]), attention_mask=mask, cache=cache)
+    assert len(seen) == 2 and seen[1] == (2, 1, 64)  # the hook ran on the decode step
+    handle.remove()
+    assert model.decode_weights() is not None
+    with torch.nn.modules.module.register_module_forward_hook(lambda *a: None):
+        assert model.decode_weights() is None
+    last = torch.tensor([[False, True, True, True, False], [True, True, True, True, False]])
+    with torch.no_grad():
+        model(torch.tensor([[3], [4]]), attention_mask=last, cache=cache)
+    assert last[:, -1].tolist() == [False, False]  # the new token sees itself, but not by writing here
+
+
 @needs_kernel
 def test_build_is_cached_and_keyed_by_the_source(fresh_native, monkeypatch):
     lib = native.build()
