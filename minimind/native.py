@@ -6,13 +6,17 @@ to a half of the CPU's peak at 16, and torch's attention kernels spend most of a
 overheads; together that was two thirds of a step (RMSNorm, a chain of small ops in torch, another
 twentieth). Sampling from the logits, a few passes over (rows, vocabulary) in torch with large
 temporaries that glibc hands back to the OS and faults in again every step, took another 1.4 ms.
-`csrc/decode.c` (AVX2 kernels, ~260 lines) does these instead. It is compiled on first
+`csrc/decode.c` (AVX2 kernels, ~350 lines) does these instead. It is compiled on first
 use with the system C compiler into a cache folder and loaded with ctypes; its OpenMP threads are
 torch's own (the runtime `torch` already loaded), sized by `torch.get_num_threads()`.
 
+Once the module calls themselves were a third of a step (~100 Python calls, each ~15-50 us), a dense
+model's whole decode step became one call, `decode_step`, in one parallel region; the per-module
+kernels remain for what it does not cover (LoRA-wrapped projections, MoE, forward hooks).
+
 Where it cannot help or cannot build (not Linux x86-64 with AVX2, no C compiler, autograd on,
-other dtypes or devices, more than `MAX_ROWS` rows, more than one query per row) the functions return
-None and the caller uses torch. `MINIMIND_NATIVE=0` turns it off; `MINIMIND_CACHE` moves the cache
+other dtypes or devices, more than `MAX_ROWS` rows (`MAX_STEP_ROWS` for the fused step), more than
+one query per row) the functions return None and the caller uses torch. `MINIMIND_NATIVE=0` turns it off; `MINIMIND_CACHE` moves the cache
 (default ~/.cache/minimind). Every kernel is checked against torch in tests/test_native.py.
 """
 
@@ -38,6 +42,9 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 32  # beyond this BLAS is as fast (and prefill / training shapes never come here)
+# The fused step stays ahead of torch further: at 128 rows (an RL micro-batch) 1.4x on the `tiny` preset
+# and even on minimind2-small, at 64 rows 1.6x and 1.15x; at 256 rows torch is ahead (1.4x on the latter).
+MAX_STEP_ROWS = 128
 
 _kernel: ctypes.CDLL | None = None
 _state = "unloaded"  # unloaded | ready | off
@@ -234,7 +241,7 @@ def decode_step(
     key may be seen.
     """
     M, D = h.shape
-    if _state == "off" or torch.is_grad_enabled() or M > MAX_ROWS or h.dtype is not torch.float32 or not h.is_cpu:
+    if _state == "off" or torch.is_grad_enabled() or M > MAX_STEP_ROWS or h.dtype is not torch.float32 or not h.is_cpu:
         return None
     for t in (*weights, norm, head, cache.k, cache.v):
         if t is not None and (t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous()):

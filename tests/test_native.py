@@ -292,6 +292,29 @@ def test_fused_step_weights_follow_the_modules():
     assert sharp_model("moe").decode_weights() is None
 
 
+@needs_kernel
+def test_fused_step_applies_up_to_max_step_rows():
+    """Up to MAX_STEP_ROWS rows a decode step is one fused call (it is faster than torch there); beyond,
+    the modules run, and both give the same logits."""
+    model = sharp_model("gqa")
+    n = native.MAX_STEP_ROWS
+    ids = torch.randint(0, 512, (n + 1, 4), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for rows in (n, n + 1):
+        cache = KVCache(model.cfg, rows, 5)
+        with torch.no_grad():
+            model(ids[:rows], cache=cache)
+            h = model.embed_tokens(ids[:rows, -1])
+            cos, sin = model.rotary(torch.tensor([[4]]))
+            fused = native.decode_step(
+                model.decode_weights(), model.norm.weight, model.lm_head.weight, h, cos[:, 0, 0], sin[:, 0, 0],
+                None, cache, model.cfg.num_heads, model.cfg.rms_norm_eps,
+            )  # fmt: skip
+            assert (fused is None) == (rows > n)
+            logits[rows] = model(ids[:rows, -1:], cache=cache).logits[:, 0]  # (cache.length was not advanced)
+    torch.testing.assert_close(logits[n], logits[n + 1][:n], atol=1e-5, rtol=1e-5)
+
+
 def test_fused_step_leaves_forward_hooks_and_masks_alone():
     """A forward hook (on a layer, or global) sends decoding through the modules, so it runs; the
     caller's attention mask is not modified."""
