@@ -15,7 +15,12 @@
  * decode_attention: RoPE, the KV-cache write and softmax(q k^T / sqrt(d)) v for one new token per row,
  * the case where torch's attention kernels (and the dozen small ops around them) are mostly overhead.
  * decode_rmsnorm: RMSNorm, one call instead of torch's chain of small ops.
+ * decode_step: a dense model's whole decode step with the above (and SwiGLU), in one call and one
+ * parallel region: what the modules compute, without ~100 Python calls per token.
  * sample_rows: the next token of each row from its logits (inverse CDF) and its log-probability.
+ *
+ * The pieces are written as OpenMP work-sharing loops without their own parallel region, so that the
+ * exported functions can run them alone (decode_gemm, decode_attention) or in sequence (decode_step).
  *
  * Built on first use by minimind/native.py with the system C compiler (-O3 -mavx2 -mfma -fopenmp);
  * each function is checked against the torch code it replaces in tests/test_native.py.
