@@ -16,8 +16,9 @@ kernels remain for what it does not cover (LoRA-wrapped projections, MoE, forwar
 
 Where it cannot help or cannot build (not Linux x86-64 with AVX2, no C compiler, autograd on,
 other dtypes or devices, more than `MAX_ROWS` rows (`MAX_STEP_ROWS` for the fused step), more than
-one query per row) the functions return None and the caller uses torch. `MINIMIND_NATIVE=0` turns it off; `MINIMIND_CACHE` moves the cache
-(default ~/.cache/minimind). Every kernel is checked against torch in tests/test_native.py.
+one query per row, shapes that do not fit) the functions return None and the caller uses torch.
+`MINIMIND_NATIVE=0` turns it off; `MINIMIND_CACHE` moves the cache (default ~/.cache/minimind).
+Every kernel is checked against torch in tests/test_native.py.
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ def decode_attention(
         or not (q.dtype == k.dtype == v.dtype == cos.dtype == sin.dtype == cache.k.dtype == torch.float32)
         or H % KVH
         or L > cache.max_len
+        or cache.k.shape[1:3] != (B, KVH)  # a cache of other shapes: torch raises the error
+        or cache.k.shape[-1] != D
         or not (cache.k.is_contiguous() and cache.v.is_contiguous())
         or (mask is not None and mask.dtype != torch.bool)
     ):
@@ -229,6 +232,7 @@ def decode_step(
     keep: torch.Tensor | None,
     cache: KVCache,
     heads: int,
+    kv_heads: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A whole decode step of a dense model in one kernel call, or None where it does not apply:
@@ -241,7 +245,15 @@ def decode_step(
     key may be seen.
     """
     M, D = h.shape
+    Dh, L = cos.shape[-1], cache.length + 1
     if _state == "off" or torch.is_grad_enabled() or M > MAX_STEP_ROWS or h.dtype is not torch.float32 or not h.is_cpu:
+        return None
+    if (  # shapes the kernel would read or write past: the modules' path raises torch's error instead
+        cache.k.shape[1:3] != (M, kv_heads)
+        or cache.k.shape[-1] != Dh
+        or L > cache.max_len
+        or (keep is not None and keep.shape != (M, L))
+    ):
         return None
     for t in (*weights, norm, head, cache.k, cache.v):
         if t is not None and (t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous()):
@@ -249,20 +261,19 @@ def decode_step(
     lib = _kernel or load()
     if lib is None:
         return None
-    Dh, L, layers = cos.shape[-1], cache.length + 1, cache.k.shape[0]
-    KVH, F, V = cache.k.shape[2], weights[8].shape[0], head.shape[0]  # weights[8]: the first gate
+    layers, F, V = cache.k.shape[0], weights[8].shape[0], head.shape[0]  # weights[8]: the first gate
     threads = torch.get_num_threads()
     cos, sin = cos.expand(M, Dh).contiguous(), sin.expand(M, Dh).contiguous()
     if keep is not None:
         keep = keep.contiguous()
-    scratch = torch.empty(lib.decode_step_scratch(M, D, heads, KVH, Dh, F, L, threads))
+    scratch = torch.empty(lib.decode_step_scratch(M, D, heads, kv_heads, Dh, F, L, threads))
     hidden, logits = torch.empty(M, D), torch.empty(M, V)
     ptrs = (ctypes.c_void_p * len(weights))(*[None if t is None else t.data_ptr() for t in weights])
     lib.decode_step(
         ptrs, layers, norm.data_ptr(), head.data_ptr(), h.data_ptr(), hidden.data_ptr(), logits.data_ptr(),
         cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         cos.data_ptr(), sin.data_ptr(), None if keep is None else keep.data_ptr(),
-        M, D, heads, KVH, Dh, F, V, L, eps, scratch.data_ptr(), threads,
+        M, D, heads, kv_heads, Dh, F, V, L, eps, scratch.data_ptr(), threads,
     )  # fmt: skip
     return logits, hidden
 

@@ -308,11 +308,36 @@ def test_fused_step_applies_up_to_max_step_rows():
             cos, sin = model.rotary(torch.tensor([[4]]))
             fused = native.decode_step(
                 model.decode_weights(), model.norm.weight, model.lm_head.weight, h, cos[:, 0, 0], sin[:, 0, 0],
-                None, cache, model.cfg.num_heads, model.cfg.rms_norm_eps,
+                None, cache, model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.rms_norm_eps,
             )  # fmt: skip
             assert (fused is None) == (rows > n)
             logits[rows] = model(ids[:rows, -1:], cache=cache).logits[:, 0]  # (cache.length was not advanced)
     torch.testing.assert_close(logits[n], logits[n + 1][:n], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_shapes_the_kernels_would_overrun_are_refused():
+    """A cache made for another batch size, or a mask that does not cover the cache, gets a clear error
+    from the model before any kernel runs; the kernels themselves also refuse such a cache (they would
+    read or write past the tensors)."""
+    model = sharp_model("gqa")
+    tokens = torch.tensor([[7], [10]])
+    small = KVCache(model.cfg, 1, 8)
+    small.length = 3
+    with torch.no_grad(), pytest.raises(ValueError, match="made for 1 rows; input_ids has 2"):
+        model(tokens, attention_mask=torch.ones(2, 4, dtype=torch.long), cache=small)
+    cache = KVCache(model.cfg, 2, 8)
+    cache.length = 3
+    with torch.no_grad(), pytest.raises(ValueError, match=r"expected \(2, 4\)"):
+        model(tokens, attention_mask=torch.ones(2, 3, dtype=torch.long), cache=cache)
+    q, kv, cos = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.ones(2, 1, 1, 16)
+    with torch.no_grad():
+        assert native.decode_attention(q, kv, kv, cos, cos, small, 0, None) is None
+        h, weights = torch.randn(2, 64), model.decode_weights()
+        args = (model.norm.weight, model.lm_head.weight, h, cos[:, 0, 0], cos[:, 0, 0])
+        assert native.decode_step(weights, *args, None, small, 4, 2, 1e-5) is None
+        assert native.decode_step(weights, *args, torch.ones(2, 3, dtype=torch.bool), cache, 4, 2, 1e-5) is None
+        assert native.decode_step(weights, *args, torch.ones(2, 4, dtype=torch.bool), cache, 4, 2, 1e-5) is not None
 
 
 def test_fused_step_leaves_forward_hooks_and_masks_alone():
