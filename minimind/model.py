@@ -14,6 +14,7 @@ small native kernels of `minimind.native` instead: there they are most of a step
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -326,23 +327,32 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model
 
-_registrations = 0  # modules and parameters registered so far, in any module (see decode_weights)
+
+def module_tree(model: nn.Module) -> list[tuple[nn.Module, tuple, tuple]]:
+    """Every module with its children and parameters (None for an absent bias) as they are now: a
+    snapshot that `tree_status` compares against by identity."""
+    return [(m, tuple(m._modules.values()), tuple(m._parameters.values())) for m in model.modules()]
 
 
-def _count_registration(*_: object) -> None:
-    global _registrations
-    _registrations += 1
-
-
-torch_module.register_module_module_registration_hook(_count_registration)
-torch_module.register_module_parameter_registration_hook(_count_registration)
-
-
-def has_forward_hooks(modules: list[nn.Module]) -> bool:
-    """Forward (pre-)hooks on any of `modules` or registered globally: a fused step would skip them."""
+def tree_status(tree: list[tuple[nn.Module, tuple, tuple]]) -> str:
+    """ "hooked" when a forward (pre-)hook is registered on a module of a `module_tree` snapshot or
+    globally; else "changed" when a module or parameter was replaced, added or removed since (by any
+    route: setattr, `del`, torch.func.functional_call, an `_apply` that swaps parameters); else "same"."""
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+        return "hooked"
+    status = "same"
+    for m, children, params in tree:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return "hooked"
+        now_children, now_params = m._modules.values(), m._parameters.values()
+        if (  # by identity (`==` on tensors compares their values)
+            len(now_children) != len(children)
+            or len(now_params) != len(params)
+            or not all(map(operator.is_, now_children, children))
+            or not all(map(operator.is_, now_params, params))
+        ):
+            status = "changed"
+    return status
 
 
 @dataclass
@@ -365,7 +375,7 @@ class MiniMind(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg)
         self.grad_checkpointing = False
-        self._decode_weights: tuple[int, list[torch.Tensor | None] | None, list[nn.Module]] = (-1, None, [])
+        self._decode_weights: tuple[list, list[torch.Tensor | None] | None] = ([], None)  # see decode_weights
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -404,8 +414,14 @@ class MiniMind(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used + {T} new do not fit")
-        if cache is not None and cache.k.shape[1] != B:
-            raise ValueError(f"KV cache was made for {cache.k.shape[1]} rows; input_ids has {B}")
+        if cache is not None and cache.k.shape[:3] + cache.k.shape[4:] != (
+            self.cfg.num_layers, B, self.cfg.num_kv_heads, self.cfg.head_dim
+        ):  # fmt: skip
+            raise ValueError(
+                f"KV cache of shape {tuple(cache.k.shape)} (layers, rows, kv heads, positions, head size) does "
+                f"not fit {B} rows of this model ({self.cfg.num_layers}, {B}, {self.cfg.num_kv_heads}, *, "
+                f"{self.cfg.head_dim})"
+            )
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({B}, {past + T}): "
@@ -469,34 +485,48 @@ class MiniMind(nn.Module):
 
     def decode_weights(self) -> list[torch.Tensor | None] | None:
         """Per layer, the 11 weights the fused native decode step reads (decode.c's order; no q/k norm:
-        None); None unless every layer is the plain dense block with `Linear` projections (LoRA-wrapped
-        ones and MoE take the module-by-module path) and no module has forward hooks (they would not run).
+        None); None unless every layer is the plain dense block (`Linear` projections, `RMSNorm`s,
+        SwiGLU: LoRA-wrapped projections and MoE take the module-by-module path) and no module has a
+        forward hook (it would not run).
 
-        Walking the modules costs ~0.5 ms (a twentieth of a step), so the list is kept until a module
-        or parameter is registered anywhere (LoRA injection, a replaced layer, re-tied weights); hooks,
-        which can be added at any time, are checked every step (~15-40 us)."""
-        if self._decode_weights[0] != _registrations:
-            self._decode_weights = (_registrations, self._find_decode_weights(), list(self.modules()))
-        _, weights, modules = self._decode_weights
-        if weights is None or has_forward_hooks(modules):
-            return None
-        return weights
+        Walking the modules by attribute costs ~0.5 ms (a twentieth of a step), so the list is kept
+        with a snapshot of the module tree, and checked against it every step (~50-100 us): any module
+        or parameter replaced, added or removed since, by whatever route, rebuilds it."""
+        tree, weights = self._decode_weights
+        status = tree_status(tree) if tree else "changed"
+        if status == "changed":
+            tree, weights = module_tree(self), self._find_decode_weights()
+            self._decode_weights = (tree, weights)
+            status = tree_status(tree)
+        return weights if status == "same" else None
 
     def _find_decode_weights(self) -> list[torch.Tensor | None] | None:
-        if type(self.lm_head) is not Linear:
+        c = self.cfg
+        if type(self.lm_head) is not Linear or type(self.norm) is not RMSNorm or self.lm_head.bias is not None:
             return None
         out: list[torch.Tensor | None] = []
         for layer in self.layers:
-            a, f = layer.self_attn, layer.mlp
-            if type(f) is not FeedForward:
+            if type(layer) is not Block or type(layer.self_attn) is not Attention or type(layer.mlp) is not FeedForward:
                 return None
+            a, f = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, layer.post_attention_layernorm) + (
+                (a.q_norm, a.k_norm) if a.qk_norm else ()
+            )
             projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj)
+            if any(type(n) is not RMSNorm or n.eps != c.rms_norm_eps for n in norms):
+                return None
             if any(type(p) is not Linear or p.bias is not None for p in projs):
                 return None
             qn, kn = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
             out += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, qn, kn]
             out += [a.o_proj.weight, layer.post_attention_layernorm.weight]
             out += [f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight]
+            q, kv, F = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, f.gate_proj.weight.shape[0]
+            shapes = [(c.hidden_size,), (q, c.hidden_size), (kv, c.hidden_size), (kv, c.hidden_size)]
+            shapes += [(c.head_dim,), (c.head_dim,)] if a.qk_norm else [None, None]
+            shapes += [(c.hidden_size, q), (c.hidden_size,), (F, c.hidden_size), (F, c.hidden_size), (c.hidden_size, F)]
+            if any(t is not None and tuple(t.shape) != shape for t, shape in zip(out[-11:], shapes)):
+                return None
         return out
 
     # ---- bookkeeping -------------------------------------------------------------------------

@@ -46,6 +46,7 @@ MAX_ROWS = 32  # beyond this BLAS is as fast (and prefill / training shapes neve
 # The fused step stays ahead of torch further: at 128 rows (an RL micro-batch) 1.4x on the `tiny` preset
 # and even on minimind2-small, at 64 rows 1.6x and 1.15x; at 256 rows torch is ahead (1.4x on the latter).
 MAX_STEP_ROWS = 128
+STEP_WEIGHTS = 11  # weights per layer that decode_step reads (decode.c's enum)
 
 _kernel: ctypes.CDLL | None = None
 _state = "unloaded"  # unloaded | ready | off
@@ -240,7 +241,7 @@ def decode_step(
     overwrites; the cache gets their keys and values at position `cache.length`.
 
     What the modules compute with the kernels above, one Python call instead of ~100 (a third of a
-    step at batch 16). weights: per layer, the 11 tensors of `MiniMind.decode_weights` (decode.c's
+    step at batch 16). weights: per layer, the STEP_WEIGHTS tensors of `MiniMind.decode_weights` (decode.c's
     order); cos, sin: (M, Dh) at each row's position; keep: None or bool (M, length + 1), True where a
     key may be seen.
     """
@@ -249,10 +250,12 @@ def decode_step(
     if _state == "off" or torch.is_grad_enabled() or M > MAX_STEP_ROWS or h.dtype is not torch.float32 or not h.is_cpu:
         return None
     if (  # shapes the kernel would read or write past: the modules' path raises torch's error instead
-        cache.k.shape[1:3] != (M, kv_heads)
-        or cache.k.shape[-1] != Dh
+        cache.k.shape != (len(weights) // STEP_WEIGHTS, M, kv_heads, cache.max_len, Dh)
+        or len(weights) % STEP_WEIGHTS
+        or heads % kv_heads
         or L > cache.max_len
-        or (keep is not None and keep.shape != (M, L))
+        or not h.is_contiguous()
+        or (keep is not None and (keep.shape != (M, L) or keep.dtype != torch.bool))
     ):
         return None
     for t in (*weights, norm, head, cache.k, cache.v):
@@ -266,8 +269,8 @@ def decode_step(
     cos, sin = cos.expand(M, Dh).contiguous(), sin.expand(M, Dh).contiguous()
     if keep is not None:
         keep = keep.contiguous()
-    scratch = torch.empty(lib.decode_step_scratch(M, D, heads, kv_heads, Dh, F, L, threads))
-    hidden, logits = torch.empty(M, D), torch.empty(M, V)
+    scratch = torch.empty(lib.decode_step_scratch(M, D, heads, kv_heads, Dh, F, L, threads), dtype=torch.float32)
+    hidden, logits = torch.empty(M, D, dtype=torch.float32), torch.empty(M, V, dtype=torch.float32)
     ptrs = (ctypes.c_void_p * len(weights))(*[None if t is None else t.data_ptr() for t in weights])
     lib.decode_step(
         ptrs, layers, norm.data_ptr(), head.data_ptr(), h.data_ptr(), hidden.data_ptr(), logits.data_ptr(),

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import sharp_model
+from conftest import sharp_model, tiny_config
 
 from minimind import native
 from minimind.generate import SamplingParams, generate
@@ -244,6 +244,38 @@ def test_decoding_with_the_kernels_matches_torch(monkeypatch, kind, padded, fuse
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "shape,rows",
+    [(dict(hidden_size=50, num_heads=5, num_kv_heads=1, intermediate_size=70), 5),
+     (dict(hidden_size=38, num_heads=2, num_kv_heads=1, head_dim=18, intermediate_size=29, qk_norm=True), 17),
+     (dict(hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=131, tie_word_embeddings=False), 1),
+     (dict(hidden_size=24, num_heads=3, num_kv_heads=3, intermediate_size=40), 33)],
+)  # fmt: skip
+def test_fused_step_equals_torch_on_odd_shapes(monkeypatch, shape, rows):
+    """Sizes that are not multiples of the kernels' tiles (8 floats, 3 weight rows, 4 rows of x), head
+    sizes 10, 18 and 64 (the register path), grouped and plain attention, an untied head: the fused step's
+    logits over several padded steps equal torch's."""
+    model = sharp_model("gqa", **shape)
+    gen = torch.Generator().manual_seed(rows)
+    ids = torch.randint(1, 512, (rows, 6), generator=gen)
+    mask = torch.ones(rows, 10, dtype=torch.long)
+    mask[::2, :2] = 0  # every other row left-padded by 2
+    steps = torch.randint(1, 512, (rows, 4), generator=gen)
+
+    def run() -> list[torch.Tensor]:
+        cache = KVCache(model.cfg, rows, 10)
+        with torch.no_grad():
+            model(ids, attention_mask=mask[:, :6], cache=cache)
+            return [model(steps[:, i : i + 1], attention_mask=mask[:, : 7 + i], cache=cache).logits for i in range(4)]
+
+    assert model.decode_weights() is not None
+    fast = run()
+    monkeypatch.setattr(native, "_state", "off")
+    for f, s in zip(fast, run()):
+        torch.testing.assert_close(f, s, atol=2e-4, rtol=1e-4)
+
+
+@needs_kernel
 @pytest.mark.parametrize("kind", ["gqa", "qk_norm"])
 def test_fused_step_equals_the_module_by_module_kernels(kind):
     """One fused call computes what the modules compute with the per-module kernels: logits, final hidden
@@ -276,11 +308,11 @@ def test_fused_step_equals_the_module_by_module_kernels(kind):
 
 
 def test_fused_step_weights_follow_the_modules():
-    """The fused step's weight list is cached, and a LoRA injection or a replaced projection (after
-    which it would compute the wrong model) drops it."""
+    """The fused step's weight list is cached, and a LoRA injection, a replaced projection or norm
+    (after which it would compute the wrong model) drops it."""
     model = sharp_model("gqa")
     weights = model.decode_weights()
-    assert weights is not None and len(weights) == 11 * model.cfg.num_layers
+    assert weights is not None and len(weights) == native.STEP_WEIGHTS * model.cfg.num_layers
     assert weights[1] is model.layers[0].self_attn.q_proj.weight and weights[4] is None  # no q/k norm
     assert model.decode_weights() is weights  # cached
     inject(model, LoRAConfig(rank=2, targets=["v_proj"]))
@@ -289,7 +321,60 @@ def test_fused_step_weights_follow_the_modules():
     assert other.decode_weights() is not None
     other.layers[1].mlp.up_proj = torch.nn.Linear(64, other.cfg.intermediate_size, bias=False)
     assert other.decode_weights() is None
+    normless = sharp_model("gqa")
+    normless.layers[0].input_layernorm = torch.nn.Identity()
+    assert normless.decode_weights() is None
     assert sharp_model("moe").decode_weights() is None
+
+
+def decode_once(model: MiniMind) -> torch.Tensor:
+    """Logits of one decode step after a 4-token prefill."""
+    cache = KVCache(model.cfg, 2, 5)
+    with torch.no_grad():
+        model(torch.tensor([[5, 17, 42, 9], [7, 8, 9, 10]]), cache=cache)
+        return model(torch.tensor([[3], [4]]), cache=cache).logits
+
+
+@needs_kernel
+def test_fused_step_sees_every_way_weights_change(monkeypatch):
+    """Routes that swap modules or parameters without registering anything (torch.func.functional_call,
+    `del` on the layer list, an `_apply` that replaces parameters) still give the model as it is now: the
+    same logits as torch alone."""
+    from torch.func import functional_call
+
+    model = sharp_model("gqa")
+    decode_once(model)  # the weight list is built and cached
+    other = {k: v * 1.5 for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
+
+    def reference(m: MiniMind) -> torch.Tensor:
+        with monkeypatch.context() as mp:
+            mp.setattr(native, "_state", "off")
+            return decode_once(m)
+
+    def run_functional(m: MiniMind) -> torch.Tensor:
+        cache = KVCache(m.cfg, 2, 5)
+        with torch.no_grad():
+            functional_call(m, other, (torch.tensor([[5, 17, 42, 9], [7, 8, 9, 10]]),), {"cache": cache})
+            return functional_call(m, other, (torch.tensor([[3], [4]]),), {"cache": cache}).logits
+
+    fast = run_functional(model)
+    with monkeypatch.context() as mp:
+        mp.setattr(native, "_state", "off")
+        slow = run_functional(model)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)  # back to its own
+    del model.layers[1]
+    model.cfg.num_layers = 1
+    torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double().float()  # new Parameter objects, assigned straight into _parameters
+        with torch.no_grad():
+            model.layers[0].mlp.up_proj.weight.mul_(2.0)
+        torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
 
 
 @needs_kernel
@@ -312,6 +397,8 @@ def test_fused_step_applies_up_to_max_step_rows():
             )  # fmt: skip
             assert (fused is None) == (rows > n)
             logits[rows] = model(ids[:rows, -1:], cache=cache).logits[:, 0]  # (cache.length was not advanced)
+            if fused is not None:
+                torch.testing.assert_close(fused[0], logits[rows])  # the direct call is the model's step
     torch.testing.assert_close(logits[n], logits[n + 1][:n], atol=1e-5, rtol=1e-5)
 
 
@@ -324,8 +411,12 @@ def test_shapes_the_kernels_would_overrun_are_refused():
     tokens = torch.tensor([[7], [10]])
     small = KVCache(model.cfg, 1, 8)
     small.length = 3
-    with torch.no_grad(), pytest.raises(ValueError, match="made for 1 rows; input_ids has 2"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"does not fit 2 rows of this model \(2, 2, 2, \*, 16\)"):
         model(tokens, attention_mask=torch.ones(2, 4, dtype=torch.long), cache=small)
+    deeper = KVCache(tiny_config("gqa", num_layers=8), 2, 8)
+    deeper.length = 3
+    with torch.no_grad(), pytest.raises(ValueError, match="KV cache of shape"):
+        model(tokens, attention_mask=torch.ones(2, 4, dtype=torch.long), cache=deeper)
     cache = KVCache(model.cfg, 2, 8)
     cache.length = 3
     with torch.no_grad(), pytest.raises(ValueError, match=r"expected \(2, 4\)"):
@@ -336,6 +427,7 @@ def test_shapes_the_kernels_would_overrun_are_refused():
         h, weights = torch.randn(2, 64), model.decode_weights()
         args = (model.norm.weight, model.lm_head.weight, h, cos[:, 0, 0], cos[:, 0, 0])
         assert native.decode_step(weights, *args, None, small, 4, 2, 1e-5) is None
+        assert native.decode_step(weights, *args, None, deeper, 4, 2, 1e-5) is None  # 8 layers, not 2
         assert native.decode_step(weights, *args, torch.ones(2, 3, dtype=torch.bool), cache, 4, 2, 1e-5) is None
         assert native.decode_step(weights, *args, torch.ones(2, 4, dtype=torch.bool), cache, 4, 2, 1e-5) is not None
 
