@@ -463,7 +463,7 @@ class MiniMind(nn.Module):
         """One decode step (one new token per row) as a single native kernel call on x86-64 CPUs, the
         same computation as the loop in `forward`; None where it does not apply (see `decode_weights`,
         `native.decode_step`)."""
-        weights = self.decode_weights() if native.may_apply(input_ids.device) else None
+        weights = self.decode_weights() if native.step_may_apply(input_ids.device, input_ids.shape[0]) else None
         if weights is None:
             return None
         cos, sin = self.rotary(position_ids)
@@ -490,7 +490,7 @@ class MiniMind(nn.Module):
         forward hook (it would not run).
 
         Walking the modules by attribute costs ~0.5 ms (a twentieth of a step), so the list is kept
-        with a snapshot of the module tree, and checked against it every step (~50-100 us): any module
+        with a snapshot of the module tree, and checked against it every step (~60-150 us): any module
         or parameter replaced, added or removed since, by whatever route, rebuilds it."""
         tree, weights = self._decode_weights
         status = tree_status(tree) if tree else "changed"

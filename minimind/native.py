@@ -137,7 +137,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not x.is_contiguous():
         x = x.contiguous()
     N = weight.shape[0]
-    y = torch.empty(x.shape[:-1] + (N,))
+    y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
     lib.decode_gemm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, N, K, torch.get_num_threads())
     if bias is not None:
         y += bias
@@ -217,10 +217,10 @@ def decode_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return y
 
 
-def may_apply(device: torch.device) -> bool:
-    """Whether a kernel could run now on `device` (not switched off, autograd off, CPU): a cheap check
-    before preparing a call."""
-    return _state != "off" and device.type == "cpu" and not torch.is_grad_enabled()
+def step_may_apply(device: torch.device, rows: int) -> bool:
+    """Whether `decode_step` could run now for `rows` rows on `device` (not switched off, autograd off,
+    CPU, at most MAX_STEP_ROWS rows): a cheap check before preparing its arguments."""
+    return _state != "off" and device.type == "cpu" and rows <= MAX_STEP_ROWS and not torch.is_grad_enabled()
 
 
 def decode_step(

@@ -342,8 +342,12 @@ def test_fused_step_sees_every_way_weights_change(monkeypatch):
     same logits as torch alone."""
     from torch.func import functional_call
 
+    fused = []
+    real_step = native.decode_step
+    monkeypatch.setattr(native, "decode_step", lambda *a: fused.append(real_step(*a)) or fused[-1])
     model = sharp_model("gqa")
     decode_once(model)  # the weight list is built and cached
+    assert fused and fused[-1] is not None
     other = {k: v * 1.5 for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
 
     def reference(m: MiniMind) -> torch.Tensor:
@@ -358,6 +362,7 @@ def test_fused_step_sees_every_way_weights_change(monkeypatch):
             return functional_call(m, other, (torch.tensor([[3], [4]]),), {"cache": cache}).logits
 
     fast = run_functional(model)
+    assert fused[-1] is not None  # the fused step ran (with the swapped weights)
     with monkeypatch.context() as mp:
         mp.setattr(native, "_state", "off")
         slow = run_functional(model)
@@ -365,14 +370,18 @@ def test_fused_step_sees_every_way_weights_change(monkeypatch):
     torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)  # back to its own
     del model.layers[1]
     model.cfg.num_layers = 1
+    fused.clear()
     torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)
+    assert fused[0] is not None
     previous = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
         model.double().float()  # new Parameter objects, assigned straight into _parameters
         with torch.no_grad():
             model.layers[0].mlp.up_proj.weight.mul_(2.0)
+        fused.clear()
         torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)
+        assert fused[0] is not None
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(previous)
 
