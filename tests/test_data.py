@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -101,6 +102,16 @@ def test_skip_bad_lines_counts_them(tokenizer, tmp_path):
     tf = tokenize_files([path], tokenizer, tmp_path / "cache", skip_bad_lines=True)
     assert tf.num_documents == 2
     assert [m.split(": ")[0] for m in tf.skipped] == [f"{path}:2", f"{path}:3"]
+
+
+def test_cache_built_skipping_bad_lines_does_not_serve_a_strict_run(tokenizer, tmp_path):
+    path = write(tmp_path / "mixed.jsonl", ['{"text": "good one"}', "{oops", '{"text": "good two"}'])
+    skipping = tokenize_files([path], tokenizer, tmp_path / "cache", skip_bad_lines=True)
+    assert skipping.num_documents == 2 and not skipping.reused
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: invalid JSON")):
+        tokenize_files([path], tokenizer, tmp_path / "cache")  # strict: the bad line is an error
+    again = tokenize_files([path], tokenizer, tmp_path / "cache", skip_bad_lines=True)
+    assert again.reused and again.path == skipping.path
 
 
 def test_txt_and_several_files(tokenizer, tmp_path):

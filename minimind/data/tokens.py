@@ -2,9 +2,11 @@
 
 Each document becomes `<|im_start|> ids <|im_end|>` (BOS ... EOS) and all documents are concatenated
 into one flat array on disk (uint16 when the vocabulary fits, else uint32), with the start offset of
-every document beside it. The cache key is a hash of the input files' bytes, the tokenizer's JSON
-and this format's version: change any of them and the cache is rebuilt; otherwise it is
-memory-mapped straight away. Tokenization runs in parallel in the `tokenizers` Rust thread pool.
+every document beside it. The cache key is a hash of the input files' bytes, the tokenizer's JSON,
+this format's version and `skip_bad_lines`: change any of them and the cache is rebuilt; otherwise it
+is memory-mapped straight away. (A cache built while skipping bad lines must not serve a strict run:
+that run has to stop at the first bad line with its FILE:LINE.) Tokenization runs in parallel in the
+`tokenizers` Rust thread pool.
 
 Bad lines: by default the first malformed line stops everything with `DataError: FILE:LINE: ...`;
 with `skip_bad_lines` they are skipped, counted and reported.
@@ -108,8 +110,8 @@ def tokenize_files(
     if missing:
         raise DataError(f"{missing[0]}: no such file")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = file_digest(paths, tokenizer)
-    base = cache_dir / key
+    key = hashlib.sha256(f"tokens-v{CACHE_VERSION}-{skip_bad_lines}-{file_digest(paths, tokenizer)}".encode())
+    base = cache_dir / key.hexdigest()[:24]
     meta_path = base.with_suffix(".json")
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     if meta_path.is_file():
