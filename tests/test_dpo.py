@@ -46,6 +46,41 @@ def test_dpo_loss_equals_hand_computed_values():
         dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1, kind="hinge")
 
 
+def test_ipo_compares_mean_token_logprobs():
+    """IPO (Azar et al. 2023, as TRL) uses each reply's mean token log-prob: replies twice as long with
+    the same per-token log-probs leave the IPO loss unchanged; sigmoid DPO (sums) sees h double."""
+    from types import SimpleNamespace
+
+    from minimind.data.preference import PairBatch
+
+    V, prompt, good, bad = 8, [1, 2], 3, 4
+    bias = torch.zeros(V)
+    bias[good], bias[bad] = 2.0, -1.0
+
+    def policy(ids):  # the same next-token distribution everywhere; the reference is uniform
+        return SimpleNamespace(logits=bias.expand(*ids.shape, V).clone(), aux_loss=torch.zeros(()))
+
+    def reference(ids):
+        return SimpleNamespace(logits=torch.zeros(*ids.shape, V), aux_loss=torch.zeros(()))
+
+    def pair(reply_len):
+        rows = [prompt + [good] * reply_len, prompt + [bad] * reply_len]  # chosen, rejected
+        ids = torch.tensor(rows)
+        labels = ids[:, 1:].clone()
+        labels[:, : len(prompt) - 1] = -100
+        return PairBatch(ids[:, :-1], labels)
+
+    losses = {}
+    for kind in ("sigmoid", "ipo"):
+        fn = dpo.DPOLoss(0.1, kind, length_norm=False, reference=reference)
+        losses[kind] = [float(fn(policy, pair(n))[0]) for n in (3, 6)]
+    assert math.isclose(losses["ipo"][0], losses["ipo"][1], rel_tol=1e-6)
+    assert abs(losses["sigmoid"][0] - losses["sigmoid"][1]) > 1e-2
+    h = float(torch.log_softmax(bias, 0)[good] - torch.log_softmax(bias, 0)[bad])  # per token; ref cancels
+    assert math.isclose(losses["ipo"][0], (h - 1 / (2 * 0.1)) ** 2, rel_tol=1e-5)
+    assert dpo.length_normalised("ipo", False) and not dpo.length_normalised("sigmoid", False)
+
+
 def test_nll_weight_adds_the_chosen_replies_mean_token_nll(tokenizer, tmp_path):
     """RPO: L = L_DPO + w * (-log pi(y_w) / |y_w|) per pair, checked against the pieces."""
     path_pairs = [

@@ -4,7 +4,8 @@ data:    preference pairs (minimind/data/preference.py): one prompt, a chosen an
 models:  the policy, starting from --from; a frozen reference (that same run, or --ref) in eval mode,
          no grad, under the same autocast. --precompute-ref computes the reference log-probs of every
          pair once before training, so only the policy is in memory while it trains (same losses).
-loss:    log-probs summed over the final reply and its <|im_end|> (--length-norm: divided by its length),
+loss:    log-probs summed over the final reply and its <|im_end|> (--length-norm, and always for ipo:
+         divided by its length, the mean token log-prob, as IPO's paper and TRL define it),
              h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
              sigmoid: L = -log sigma(beta h)        ipo: L = (h - 1 / (2 beta))^2
          chosen and rejected in one forward pass (2B rows); the engine averages over pairs.
@@ -70,7 +71,11 @@ def add_arguments(p: Any) -> None:
         metavar="FLOAT",
         help="pull toward the reference (default 0.1; smaller lets it drift more)",
     )
-    g.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid (DPO, default) or ipo (Azar et al. 2023)")
+    g.add_argument(
+        "--loss",
+        choices=["sigmoid", "ipo"],
+        help="sigmoid (DPO, default) or ipo (Azar et al. 2023; always on mean token log-probs)",
+    )
     g.add_argument("--ref", metavar="RUN_DIR", help="the frozen reference model (default: the --from run)")
     flag = dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
     g.add_argument("--precompute-ref", **flag, help="reference log-probs once, before training: one model in memory")
@@ -81,6 +86,16 @@ def add_arguments(p: Any) -> None:
         metavar="W",
         help="add W x the chosen reply's mean token NLL (RPO, Pang et al. 2024): keeps chosen replies likely",
     )
+
+
+def length_normalised(kind: str, length_norm: bool) -> bool:
+    """Whether reply log-probs are per-token means: with --length-norm, and always for IPO.
+
+    IPO (Azar et al. 2023) regresses h onto 1 / (2 beta), a fixed target on the scale of *one* token's
+    log-prob ratio: with sums, h grows with the replies' lengths and the target means something else
+    for every pair (TRL's IPO averages over the completion's tokens for the same reason).
+    """
+    return length_norm or kind == "ipo"
 
 
 def reply_logps(model: nn.Module, batch: PairBatch, length_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +123,8 @@ class DPOLoss:
             raise ConfigError("--beta must be positive")
         if nll_weight < 0:
             raise ConfigError("--nll-weight must be >= 0")
-        self.beta, self.kind, self.length_norm, self.reference = beta, kind, length_norm, reference
+        self.beta, self.kind, self.reference = beta, kind, reference
+        self.length_norm = length_normalised(kind, length_norm)
         self.nll_weight = nll_weight
 
     def __call__(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -223,7 +239,7 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:
     reference.to(trainer.device)
     for r in (rows, eval_rows) if precompute else (eval_rows,):
         if r is not None:
-            r.ref_logps = pair_logps(reference, r, opts["length_norm"], trainer.device, trainer.dtype)
+            r.ref_logps = pair_logps(reference, r, loss.length_norm, trainer.device, trainer.dtype)
     if precompute:
         print(f"reference log-probs of {len(rows):,} pairs computed once; training holds only the policy")
     return trainer, eval_rows, loss
