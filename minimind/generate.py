@@ -116,6 +116,15 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def cache_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype keys and values are computed in: autocast's where it is on for `device` (RL rollouts
+    generate under bf16 autocast; a float32 cache would be re-cast whole by every layer at every step),
+    else the model's. On CPU without autocast that stays float32, what the native decode kernels take."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model_dtype
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) of shape (B, longest prompt), prompts aligned to the right."""
     width = max(len(p) for p in prompts)
@@ -144,7 +153,7 @@ def generate(
         raise ConfigError("every prompt needs at least one token")
     cfg = model.cfg
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = cache_dtype(device, next(model.parameters()).dtype)
     ids, pad_mask = left_pad(prompts, cfg.pad_token_id, device)
     B, width = ids.shape
     total = width + params.max_new_tokens

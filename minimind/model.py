@@ -5,10 +5,13 @@
 The LM head shares its weight with the embedding; there are no biases. Attention is grouped-query
 with rotary positions (optionally YaRN-scaled) and optional per-head q/k RMSNorm (minimind-3 /
 Qwen3 style); the FFN is SwiGLU, or a mixture of SwiGLU experts. Every attention path (training,
-prefill, cached decode, left padding, packed documents) goes through
-`F.scaled_dot_product_attention`; the only thing that differs between them is the mask. On x86-64
-CPUs, decoding (a few rows, one new token each, no gradients) computes the same products with the
-small native kernels of `minimind.native` instead: there they are most of a step's time.
+prefill, cached decode, left padding, packed documents) is `F.scaled_dot_product_attention`; the
+only thing that differs between them is the mask (`attention_rule`). Two kinds of fast path compute
+the same numbers elsewhere, each chosen explicitly and tested against this file: on GPUs, masked
+attention runs in fused kernels (`minimind.attention`: FlexAttention for packed documents, expanded
+k/v for padding) and MoE experts in grouped matmuls; on x86-64 CPUs, decoding (a few rows, one new
+token each, no gradients) runs in the small native kernels of `minimind.native`, where they are
+most of a step's time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
-from minimind import native
+from minimind import attention, native
+from minimind.attention import AttentionMask
 from minimind.config import ModelConfig
 
 
@@ -151,29 +155,32 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def build_attention_mask(
-    seq_len: int, past: int, padding_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean SDPA mask (True = may attend), or None when plain causal attention is exact.
+def attention_rule(
+    seq_len: int, past: int, padding_mask: torch.Tensor | None, segment_ids: torch.Tensor | None
+) -> attention.Rule | None:
+    """Who may attend whom, as a mask_mod(b, h, q, k) -> True where query q of row b may see key k;
+    None when no mask is needed (plain causal attention, or one new token that sees the whole cache).
 
-    Query i (absolute position past + i) sees key j when j <= past + i, the key is not padding,
+    Query q (absolute position past + q) sees key k when k <= past + q, the key is not padding,
     and both lie in the same packed document. A query that would see nothing (a left-pad
-    position) is allowed to see itself, so SDPA never returns NaN; its output is never used.
+    position) is allowed to see itself, so attention never returns NaN; its output is never used.
+    `minimind.attention` evaluates the rule at every pair (the SDPA mask) or per block (FlexAttention).
     """
-    if padding_mask is None and segment_ids is None and past == 0:
-        return None  # the caller uses is_causal=True
-    if padding_mask is None and segment_ids is None and seq_len == 1:
-        return None  # one new token sees the whole cache
-    q_pos = torch.arange(past, past + seq_len, device=device)[:, None]
-    k_pos = torch.arange(past + seq_len, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, past + T)
-    if padding_mask is not None:
-        mask = mask & padding_mask[:, None, None, :].bool()
-    if segment_ids is not None:
-        if past:
-            raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return mask | (k_pos == q_pos)[None, None]
+    if padding_mask is None and segment_ids is None and (past == 0 or seq_len == 1):
+        return None
+    if segment_ids is not None and past:
+        raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+    keep = None if padding_mask is None else padding_mask.bool()
+
+    def may_attend(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        ok = k <= past + q
+        if keep is not None:
+            ok = ok & keep[b, k]
+        if segment_ids is not None:
+            ok = ok & (segment_ids[b, q] == segment_ids[b, k])
+        return ok | (k == past + q)
+
+    return may_attend
 
 
 def positions_from(
@@ -209,7 +216,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, cache: KVCache | None
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
@@ -218,24 +225,21 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if T == 1 and cache is not None:  # decoding on x86-64 CPUs: RoPE, cache write, attention natively
-            y = native.decode_attention(q, k, v, cos, sin, cache, self.layer_idx, mask)
+            y = native.decode_attention(q, k, v, cos, sin, cache, self.layer_idx, mask.dense)
             if y is not None:
                 return self.o_proj(y.view(B, 1, -1))
         v = v.transpose(1, 2)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-        # No mask means plain causal attention from position 0, or one new token that sees the whole cache.
-        causal = mask is None and (cache is None or cache.length == 0)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if mask.backend == "dense":
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.dense, is_causal=mask.causal, dropout_p=dropout,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )  # fmt: skip
+        else:  # the same attention by a fused kernel (on GPUs; see minimind.attention)
+            y = attention.attend(mask, q, k, v, dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -263,9 +267,11 @@ class MoE(nn.Module):
     w = p (or p renormalised over the top k when norm_topk_prob and k > 1). Because w carries p,
     the router is trained by the language-model loss itself, on top of the balance loss
         aux = E * sum_e f_e * P_e,   f_e = share of routed slots that went to e, P_e = mean p_e.
-    Dispatch: the (token, expert) slots are sorted by expert, each expert runs once on its
-    contiguous slice, and results are scattered back with index_add — the same path in training
-    and inference, with no loop over tokens.
+    Dispatch: the (token, expert) slots are sorted by expert and every expert runs once on its
+    contiguous slice, results scattered back with index_add — the same path in training and inference,
+    with no loop over tokens. The slices are cut by `split` (group sizes read on the host), or, on
+    GPUs, computed by `grouped` in three grouped matmuls whose group sizes stay on the device (no host
+    sync per layer); `use_grouped` chooses.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -278,6 +284,7 @@ class MoE(nn.Module):
         self.shared_experts = nn.ModuleList(
             FeedForward(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_shared_experts)
         )
+        self.grouped_mm: bool | None = None  # None: `use_grouped` decides; True / False pins the path (tests)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routing probabilities (N, E), chosen weights (N, k) and chosen experts (N, k)."""
@@ -295,8 +302,8 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         token_of_slot = order // self.top_k
         counts = torch.bincount(flat, minlength=self.num_experts)
-        chunks = x[token_of_slot].split(counts.tolist())
-        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        slots = x[token_of_slot]
+        out = self.grouped(slots, counts) if self.use_grouped(x) else self.split(slots, counts)
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         y = torch.zeros_like(x).index_add_(0, token_of_slot, out.to(x.dtype))
         for shared in self.shared_experts:
@@ -304,6 +311,41 @@ class MoE(nn.Module):
         share = counts.float() / flat.numel()
         aux = self.num_experts * (share * probs.mean(dim=0)).sum()
         return y.reshape(shape), aux
+
+    def split(self, slots: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert on its slice of the sorted slots (the sizes go to the host: a sync on GPUs)."""
+        return torch.cat([expert(chunk) for expert, chunk in zip(self.experts, slots.split(counts.tolist()))])
+
+    def grouped(self, slots: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`split`'s products as grouped matmuls, W_e stacked to (E, out, in), slices delimited by the
+        running sum of `counts` on the device, in the autocast dtype where autocast is on (as F.linear)."""
+        device = slots.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else slots.dtype
+        offs = counts.cumsum(0).to(torch.int32)
+
+        def mm(a: torch.Tensor, name: str) -> torch.Tensor:
+            w = torch.stack([getattr(expert, name).weight for expert in self.experts]).to(dtype)
+            return F.grouped_mm(a, w.transpose(1, 2), offs=offs)
+
+        slots = slots.to(dtype)
+        return mm(F.silu(mm(slots, "gate_proj")) * mm(slots, "up_proj"), "down_proj")
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        """Grouped matmuls where torch runs them without reading the group sizes on the host: CUDA and
+        bfloat16 (Hopper and later; elsewhere torch's fallback reads them as `split` does), with
+        16-byte aligned rows, and only while every expert is the plain SwiGLU of `Linear`s (LoRA-wrapped
+        projections take `split`; forward hooks on the experts' projections would not run)."""
+        if self.grouped_mm is not None:
+            return self.grouped_mm
+        if not x.is_cuda:
+            return False
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        ffn = self.experts[0].gate_proj.weight.shape[0]
+        plain = all(
+            type(e) is FeedForward and all(type(p) is Linear for p in (e.gate_proj, e.up_proj, e.down_proj))
+            for e in self.experts
+        )
+        return dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and ffn % 8 == 0 and plain
 
 
 class Block(nn.Module):
@@ -316,7 +358,7 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, cache: KVCache | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = h + self.resid_dropout(self.self_attn(self.input_layernorm(h), cos, sin, mask, cache))
         out = self.mlp(self.post_attention_layernorm(h))
@@ -434,7 +476,9 @@ class MiniMind(nn.Module):
             out = self.decode_natively(input_ids, attention_mask, position_ids, cache, return_hidden)
             if out is not None:
                 return out
-        mask = build_attention_mask(T, past, attention_mask, segment_ids, device)
+        dropout = self.training and self.cfg.dropout > 0
+        rule = attention_rule(T, past, attention_mask, segment_ids)
+        mask = attention.prepare(rule, B, T, past, device, packed=segment_ids is not None, dropout=dropout)
         cos, sin = self.rotary(position_ids)
         h = self.dropout(self.embed_tokens(input_ids))
         aux = torch.zeros((), device=device)
@@ -468,7 +512,7 @@ class MiniMind(nn.Module):
             return None
         cos, sin = self.rotary(position_ids)
         keep = None
-        if attention_mask is not None:  # the new token always sees itself, as in build_attention_mask
+        if attention_mask is not None:  # the new token always sees itself, as in attention_rule
             keep = attention_mask != 0
             keep[:, -1] = True
         h = self.embed_tokens(input_ids)[:, 0]

@@ -121,3 +121,32 @@ def test_bad_sampling_settings_are_refused():
         generate(model, PROMPTS, SamplingParams(max_new_tokens=600))
     with pytest.raises(ConfigError, match="at least one token"):
         generate(model, [[]], SamplingParams())
+
+
+def test_cache_takes_the_autocast_dtype(monkeypatch):
+    """Under autocast (RL rollouts on GPUs) the KV cache is allocated in the autocast dtype, the dtype keys
+    and values are computed in, so no layer re-casts the whole cache each step; greedy tokens still
+    match a full forward pass under the same autocast. Without autocast it stays the model's float32."""
+    import minimind.generate as generate_module
+
+    model = sharp_model("gqa", num_layers=1)
+    made, real = [], generate_module.KVCache
+
+    def recording_cache(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(generate_module, "KVCache", recording_cache)
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    prompts = PROMPTS[:2]
+    generate(model, prompts, params)
+    assert made[-1].k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, prompts, params)
+        assert made[-1].k.dtype == made[-1].v.dtype == torch.bfloat16
+        for prompt, gen in zip(prompts, out.generations):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + gen.tokens])).logits[0, len(prompt) - 1 : -1].float()
+            assert logits.argmax(-1).tolist() == gen.tokens
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(gen.tokens)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(gen.logprobs), expected, atol=0.05, rtol=0.05)

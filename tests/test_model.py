@@ -225,3 +225,25 @@ def test_flops_and_mfu():
     expected = 6 * model.num_params() + 12 * c.num_layers * c.num_heads * c.head_dim * 128
     assert model.flops_per_token(128) == expected
     assert model.estimate_mfu(1000.0, 128, peak_flops=expected * 2000) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", ["moe", "moe_top1"])
+@pytest.mark.parametrize("tokens", [1, 21])
+def test_moe_grouped_matmuls_equal_split(name, tokens):
+    """The GPU dispatch (grouped matmuls, group sizes kept on the device) gives the split dispatch's
+    values and gradients w.r.t. the input and every parameter, experts left without tokens included."""
+    moe = MoE(tiny_config(name))
+    x = torch.randn(1, tokens, 64, requires_grad=True)
+    g = torch.randn(1, tokens, 64)
+    results = []
+    for grouped in (False, True):
+        moe.grouped_mm = grouped
+        y, aux = moe(x)
+        results.append((y, aux, torch.autograd.grad((y * g).sum() + aux, [x, *moe.parameters()])))
+    (y0, aux0, grads0), (y1, aux1, grads1) = results
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux1, aux0)
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    moe.grouped_mm = None
+    assert not moe.use_grouped(x)  # on CPU the split path stays
