@@ -24,7 +24,6 @@ no host sync on the way to the kernels.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,7 +90,7 @@ def prepare(
         return AttentionMask(causal=past == 0)
     backend = choose(device, seq_len, packed, dropout)
     if backend == "flex":
-        make = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+        make = compiled(create_block_mask) if device.type == "cuda" else create_block_mask
         return AttentionMask("flex", False, block_mask=make(rule, batch, None, seq_len, past + seq_len, device=device))
     return AttentionMask(backend, False, dense=dense_mask(rule, batch, seq_len, past + seq_len, device))
 
@@ -104,7 +103,7 @@ def attend(mask: AttentionMask, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if mask.backend == "flex":
         if dropout_p:
             raise ValueError("FlexAttention has no dropout: use the 'expanded' or 'dense' attention backend")
-        flex = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+        flex = compiled(flex_attention) if q.device.type == "cuda" else flex_attention
         return flex(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     if mask.backend == "expanded":
         if gqa:
@@ -114,15 +113,17 @@ def attend(mask: AttentionMask, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     raise ValueError(f"attend() takes the fused backends, not {mask.backend!r}")
 
 
-@functools.cache
-def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
-    """FlexAttention compiled once per process (eager it materialises the scores, as math SDPA does)."""
-    return torch.compile(flex_attention)
+_compiled: dict[Callable, Callable] = {}
 
 
-@functools.cache
-def _compiled_create_block_mask() -> Callable[..., BlockMask]:
-    """create_block_mask compiled: the block mask is computed without first materialising B x T x L.
-    Each forward pass's rule is a new closure of the same code; dynamo guards on the code and the
-    closed-over tensors' shapes, so it does not recompile per batch."""
-    return torch.compile(create_block_mask)
+def compiled(fn: Callable) -> Callable:
+    """`fn` (flex_attention, create_block_mask) compiled on first use: eager, FlexAttention materialises
+    the scores as math SDPA does, and create_block_mask the (B, T, L) mask. Compiled once per process
+    (wrapping at import would load dynamo, seconds); each forward pass's rule is a new closure of the
+    same code, which dynamo guards by code and closed-over tensors, so batches do not recompile. In a
+    model that is itself being compiled, `fn` as it is: it becomes part of that graph."""
+    if torch.compiler.is_compiling():
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]

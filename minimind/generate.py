@@ -19,7 +19,7 @@ import torch
 from minimind import native
 from minimind.config import ModelConfig
 from minimind.errors import ConfigError
-from minimind.model import KVCache, MiniMind
+from minimind.model import KVCache, MiniMind, compute_dtype
 
 
 @dataclass
@@ -116,15 +116,6 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
-def cache_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype keys and values are computed in: autocast's where it is on for `device` (RL rollouts
-    generate under bf16 autocast; a float32 cache would be re-cast whole by every layer at every step),
-    else the model's. On CPU without autocast that stays float32, what the native decode kernels take."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return model_dtype
-
-
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) of shape (B, longest prompt), prompts aligned to the right."""
     width = max(len(p) for p in prompts)
@@ -153,7 +144,10 @@ def generate(
         raise ConfigError("every prompt needs at least one token")
     cfg = model.cfg
     device = next(model.parameters()).device
-    dtype = cache_dtype(device, next(model.parameters()).dtype)
+    # Keys and values are cached in the dtype they are computed in: autocast's where it is on (RL rollouts
+    # on GPUs; a float32 cache would be re-cast whole by every layer at every step), else the model's
+    # (float32 on CPU, what the native decode kernels take).
+    dtype = compute_dtype(device, next(model.parameters()).dtype)
     ids, pad_mask = left_pad(prompts, cfg.pad_token_id, device)
     B, width = ids.shape
     total = width + params.max_new_tokens

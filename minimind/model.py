@@ -31,6 +31,12 @@ from minimind.attention import AttentionMask
 from minimind.config import ModelConfig
 
 
+def compute_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype matmuls produce on `device`: autocast's where autocast is on there, else `dtype`."""
+    device_type = torch.device(device).type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; when decoding on an x86-64 CPU (a few rows, no gradients) the native kernel instead."""
     y = native.decode_linear(x, weight, bias)
@@ -319,8 +325,7 @@ class MoE(nn.Module):
     def grouped(self, slots: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`split`'s products as grouped matmuls, W_e stacked to (E, out, in), slices delimited by the
         running sum of `counts` on the device, in the autocast dtype where autocast is on (as F.linear)."""
-        device = slots.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else slots.dtype
+        dtype = compute_dtype(slots.device, slots.dtype)
         offs = counts.cumsum(0).to(torch.int32)
 
         def mm(a: torch.Tensor, name: str) -> torch.Tensor:
@@ -339,7 +344,7 @@ class MoE(nn.Module):
             return self.grouped_mm
         if not x.is_cuda:
             return False
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        dtype = compute_dtype(x.device, x.dtype)
         ffn = self.experts[0].gate_proj.weight.shape[0]
         plain = all(
             type(e) is FeedForward and all(type(p) is Linear for p in (e.gate_proj, e.up_proj, e.down_proj))
