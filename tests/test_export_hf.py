@@ -73,6 +73,10 @@ def test_export_matches_transformers_and_round_trips(case, tokenizer, tmp_path):
         assert config["num_experts"] == config["num_local_experts"] == run.cfg.num_experts
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             assert "model.layers.1.mlp.experts.3.up_proj.weight" in f.keys()
+    if run.cfg.rope_scaling == "yarn":  # transformers 4 takes factor = max_position_embeddings / original
+        rope = config["rope_scaling"]
+        assert config["max_position_embeddings"] == rope["original_max_position_embeddings"] * rope["factor"]
+        assert config["rope_parameters"]["factor"] == rope["factor"] == run.cfg.rope_factor
     ids = torch.randint(0, tokenizer.vocab_size, (2, 40))
     ours = logits(run, ids)
     torch.testing.assert_close(hf_logits(out, ids), ours, atol=1e-4, rtol=0)
@@ -84,6 +88,21 @@ def test_export_matches_transformers_and_round_trips(case, tokenizer, tmp_path):
     plain = load_run(out)
     assert plain.info["architecture"] == arch
     torch.testing.assert_close(logits(plain, ids), ours, atol=1e-6, rtol=0)
+
+
+def test_yarn_export_reads_the_same_under_transformers_4s_rule(tokenizer, tmp_path):
+    """transformers 4 ignores YaRN's `factor` when original_max_position_embeddings is given and takes
+    max_position_embeddings / original instead; transformers 5 does the same when `factor` is null.
+    The export (our table: 512 positions, original 32, factor 4) must give our logits either way."""
+    run = tiny(tokenizer, "yarn")
+    assert run.cfg.max_position_embeddings == 512  # not 32 x 4: the case that used to differ
+    export_hf(run, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        config[key]["factor"] = None
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 100))  # well past the original 32 positions
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), logits(run, ids), atol=1e-4, rtol=0)
 
 
 def test_norm_topk_prob_matters_and_is_carried(tokenizer, tmp_path):

@@ -79,6 +79,19 @@ def hf_architecture(cfg: ModelConfig) -> str:
     )
 
 
+def hf_max_positions(cfg: ModelConfig) -> int:
+    """max_position_embeddings of the export: with YaRN, original_max_position_embeddings x factor.
+
+    transformers 4 recomputes YaRN's factor as max_position_embeddings / original_max_position_embeddings
+    whenever the latter is given (its `factor` is then ignored, frequencies included); transformers 5
+    uses `factor` (and warns on a mismatch). Only max_position_embeddings = original x factor reads the
+    same in both, and it is what YaRN means: the context the original one was stretched to.
+    """
+    if cfg.rope_scaling != "yarn":
+        return cfg.max_position_embeddings
+    return round(cfg.rope_original_max_position_embeddings * cfg.rope_factor)
+
+
 def _rope_fields(cfg: ModelConfig) -> dict[str, Any]:
     """rope_theta/rope_scaling (read by transformers 4 and 5) plus transformers 5's rope_parameters."""
     if cfg.rope_scaling != "yarn":
@@ -118,7 +131,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
         "intermediate_size": cfg.intermediate_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
+        "max_position_embeddings": hf_max_positions(cfg),
         "rms_norm_eps": cfg.rms_norm_eps,
         "hidden_act": "silu",
         "attention_bias": False,

@@ -27,6 +27,7 @@ from minimind.export.hf import (
     QWEN3,
     QWEN3_MOE,
     UPSTREAM,
+    hf_max_positions,
 )
 from minimind.model import MiniMind, rope_frequencies
 from minimind.tokenizer import Tokenizer
@@ -254,6 +255,7 @@ def _math(cfg: ModelConfig) -> dict[str, Any]:
     for k in ("dropout", "aux_loss_coef", "pad_token_id", "bos_token_id", "eos_token_id"):
         d.pop(k)
     d["rope_attention_factor"] = rope_frequencies(cfg)[1]
+    d["max_position_embeddings"] = hf_max_positions(cfg)  # with YaRN the export writes original x factor
     if cfg.rope_scaling != "yarn":
         for k in ("rope_factor", "rope_original_max_position_embeddings", "rope_beta_fast", "rope_beta_slow"):
             d.pop(k)
