@@ -9,12 +9,23 @@
 Every file is written to a temporary name in the same directory and renamed into place, so a
 crash leaves either the old file or the new one, never half of one. Loading is strict: a missing,
 unexpected or misshapen tensor is an error that names it.
+
+Training checkpoints (what `--resume` reads) are whole run directories of their own, switched by a
+pointer written last, so the last complete checkpoint survives a crash at any point of a save:
+
+    RUN_DIR/checkpoints/step-00001200/   weights, config, tokenizer, run.json, train_state.pt (+ critic/ ...)
+    RUN_DIR/checkpoints/latest           "step-00001200": written (atomically) once that folder is complete
+    RUN_DIR/model.safetensors, ...       the latest checkpoint's files, hard-linked (no second copy on disk)
+
+A save writes the new step folder beside the old one, switches `latest`, publishes its files into
+RUN_DIR, and only then removes the older folder (`publish_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -34,7 +45,13 @@ from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
 
 WEIGHTS, CONFIG, RUN_INFO = "model.safetensors", "config.json", "run.json"
+CHECKPOINTS, LATEST = "checkpoints", "latest"
 FORMAT_VERSION = 1
+
+
+def write_point(what: str) -> None:
+    """Called just before each change a checkpoint save makes on disk (a rename, a link, a removal).
+    Does nothing; the fault-injection tests replace it to kill a save at every one of these points."""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -47,6 +64,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        write_point(f"rename {path}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -60,6 +78,55 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder of the last complete training checkpoint of a run (None: no checkpoint yet)."""
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    return Path(run_dir) / CHECKPOINTS / pointer.read_text(encoding="utf-8").strip()
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.removeprefix("step-"))
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path | None:
+    """A fresh folder for the checkpoint of `step` (a leftover of an interrupted save is cleared), or
+    None when `step` is the latest complete checkpoint already."""
+    path = Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+    if path == latest_checkpoint(run_dir):
+        return None
+    if path.exists():
+        write_point(f"clear {path}")
+        shutil.rmtree(path)
+    return path
+
+
+def publish_checkpoint(run_dir: str | Path, folder: Path) -> None:
+    """Make the complete checkpoint in `folder` the run's: switch `latest` to it, hard-link each of
+    its files into the run directory (a copy where the file system has no hard links), then remove
+    the older checkpoint folders. A crash at any point leaves `latest` naming a complete folder."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / CHECKPOINTS / LATEST, folder.name)
+    for src in sorted(folder.rglob("*")):
+        if src.is_dir() or src.name.startswith("."):
+            continue
+        dst = run_dir / src.relative_to(folder)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.link.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        write_point(f"publish {dst}")
+        os.replace(tmp, dst)
+    for old in (run_dir / CHECKPOINTS).iterdir():
+        if old.is_dir() and old.name != folder.name:
+            write_point(f"remove {old}")
+            shutil.rmtree(old)
 
 
 def weight_names(model: MiniMind) -> list[str]:

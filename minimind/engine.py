@@ -4,8 +4,13 @@ Per optimizer step: take `accumulation` micro-batches (each process its slice of
 batch), count the loss tokens of the whole step across processes, backpropagate
 sum-loss / step-tokens per micro-batch (so accumulation and data parallelism give exactly the
 gradient of one big batch), clip, step AdamW, follow warmup + cosine to a floor. Logs a progress
-line and `metrics.jsonl`; saves the run directory and `train_state.pt` atomically; `--resume`
-continues bit-for-bit; a non-finite loss stops training before anything bad is written.
+line and `metrics.jsonl`; saves checkpoints that survive a crash at any point (minimind/checkpoint.py);
+`--resume` continues bit-for-bit, also under another number of processes (the global batch is kept).
+
+A non-finite gradient norm is never applied: AdamW's fused kernel skips that update on the device
+(no host sync), and at the next log or save every process learns of it from one all-reduce and all
+stop together, before anything is written. On GPUs every collective runs on the training device's
+tensors, and nothing in a step waits for the device (losses, norms and counts are read at log time).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,7 +30,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimind.checkpoint import WEIGHTS, atomic_write, atomic_write_text, save_run
+from minimind.checkpoint import (
+    WEIGHTS,
+    atomic_write,
+    atomic_write_text,
+    checkpoint_dir,
+    checkpoint_step,
+    latest_checkpoint,
+    load_weights,
+    publish_checkpoint,
+    save_run,
+)
 from minimind.config import TrainConfig
 from minimind.data.packing import Batch, Rows, Sampler
 from minimind.errors import CheckpointError, ConfigError, MiniMindError
@@ -87,24 +103,109 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun: nccl on CUDA, gloo otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, resolve_device(device_name)
-    device = resolve_device(device_name)
+def training_device(name: str) -> torch.device:
+    """The device to train on; one that this machine does not have is a ConfigError saying what to do."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(
+                f"--device {name}: no CUDA GPU is visible (torch {torch.__version__} is {build}); "
+                "use --device cpu, or install a CUDA build of torch on a machine with a GPU"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0 ...)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for the CUDA tensors (gradients, losses, counts), with gloo beside it for the few Python
+    objects gathered at checkpoints; gloo alone on CPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def launched() -> bool:
+    """Started by a distributed launcher (torchrun, deepspeed), even with one process."""
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun or deepspeed: a process group and one GPU per process
+    (LOCAL_RANK), also at world size 1 (DDP and its collectives run; the GPU check uses that)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = training_device(device_name)
+    if not launched() and not dist.is_initialized():
+        return 0, 1, device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) visible: start at most that many "
+                "processes per node (torchrun --nproc_per_node)"
+            )
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device))
     return dist.get_rank(), world, device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX on x86-64, BF16 on ARM)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        f = getattr(torch.cpu, probe, None)
+        if f is not None and f():
+            return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags or "bf16" in flags
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: Ampere and newer GPUs (compute capability 8.0+); T4 and V100 only emulate it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    return device.type == "mps"
+
+
 def precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """auto: bf16 autocast on GPUs with bf16 hardware, fp16 with loss scaling on older GPUs (T4, V100),
+    fp32 elsewhere (the fast path on CPUs). bf16 asked for where the hardware only emulates it is refused."""
     if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, cfg.dtype)
+        if device.type == "cuda":
+            return torch.bfloat16 if has_native_bf16(device) else torch.float16
+        return torch.float32
+    dtype = getattr(torch, cfg.dtype)
+    if dtype == torch.bfloat16 and not has_native_bf16(device):
+        what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"this {device.type}"
+        hint = "--dtype float16 (with loss scaling)" if device.type == "cuda" else "--dtype float32"
+        raise ConfigError(f"--dtype bfloat16: {what} has no bf16 hardware (emulated bf16 is slow); use {hint}")
+    return dtype
+
+
+def check_compile(device: torch.device) -> None:
+    """--compile needs Triton on CUDA and a C++ compiler on CPU; say so in one line instead of a traceback
+    at the first step."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("--compile on CUDA needs Triton (`pip install triton`); or drop --compile")
+    elif device.type == "cpu":
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+            raise ConfigError("--compile on CPU needs a C++ compiler (g++ or clang++); install one or drop --compile")
+    else:
+        raise ConfigError(f"--compile is not supported on {device.type}; drop --compile")
 
 
 @torch.no_grad()
@@ -126,21 +227,20 @@ def evaluate_loss(
 
 
 class RunCheckpoint:
-    """Where a stage's weights go: a full run directory (weights, config, tokenizer, run.json).
+    """What a stage's checkpoint holds: a full run directory (weights, config, tokenizer, run.json),
+    written into the checkpoint folder the engine gives (minimind/checkpoint.py publishes it).
 
-    Stages that train only part of a model (LoRA) pass a subclass that writes just that part.
+    Stages that train only part of a model (LoRA) or more than one (PPO's critic) pass a subclass.
     The weights file carries the step in its metadata, so resume can check it against train_state.pt.
     """
 
     weights = WEIGHTS
 
-    def save(self, trainer: Trainer, info: dict[str, Any], metadata: dict[str, str]) -> None:
-        save_run(trainer.out, trainer.model, trainer.tokenizer, info, weights_metadata=metadata)
+    def save(self, trainer: Trainer, folder: Path, info: dict[str, Any], metadata: dict[str, str]) -> None:
+        save_run(folder, trainer.model, trainer.tokenizer, info, weights_metadata=metadata)
 
-    def load(self, trainer: Trainer) -> None:
-        from minimind.checkpoint import load_weights
-
-        load_weights(trainer.model, trainer.out / WEIGHTS)
+    def load(self, trainer: Trainer, folder: Path) -> None:
+        load_weights(trainer.model, folder / WEIGHTS)
 
 
 class BatchSource(Protocol):
@@ -222,11 +322,19 @@ class Trainer:
         self.cfg, self.tokenizer, self.rows, self.info, self.loss_fn = cfg, tokenizer, rows, info, loss_fn
         self.checkpoint = checkpoint or RunCheckpoint()
         self.rank, self.world, self.device = setup_distributed(cfg.device)
+        self.distributed = dist.is_initialized()  # DDP and collectives (also for one launched process)
         self.dtype = precision(cfg, self.device)
+        if cfg.compile:
+            check_compile(self.device)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls on Ampere and newer
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)  # master weights stay float32; autocast lowers the math
         self.model.grad_checkpointing = cfg.grad_checkpointing
+        resume = self.read_state() if cfg.resume else None
+        if resume is not None:
+            self._keep_global_batch(resume)
         self.source = source(self) if source else RowBatches(rows, cfg, self.rank, self.world)
         self.total_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
@@ -235,37 +343,51 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.metric_sums: dict[str, torch.Tensor] = {}  # stage metrics, summed over the log window
-        if cfg.resume:
-            self.load_state()
+        self.skipped = torch.zeros((), device=self.device)  # steps whose gradient norm was not finite
+        if resume is not None:
+            self.load_state(resume)
+        # DDP first, then compile: the compiled graph is split at DDP's gradient buckets, so each
+        # bucket's all-reduce overlaps the rest of the backward.
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         self.train_model: nn.Module = self.model
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
         self.trackers = self._trackers() if self.rank == 0 else []
 
     # ---- one optimizer step --------------------------------------------------------------------
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-        """(summed loss of this process, grad norm, loss units and tokens of the whole step)."""
+    def step_counts(self, micro: list[Batch]) -> torch.Tensor:
+        """[loss units, tokens] of the whole step, all processes: what the loss sums are divided by
+        (loss tokens, pairs, or token weights) and what throughput counts. Known on the host before
+        the step; under DDP summed by one all-reduce on the training device (no host sync: the
+        result stays there and divides the loss as a tensor)."""
+        counts = torch.tensor([sum(b.loss_units for b in micro), sum(b.num_tokens for b in micro)], dtype=torch.float64)
+        if not self.distributed:
+            return counts
+        if self.device.type == "cuda":
+            counts = counts.pin_memory()
+        counts = counts.to(self.device, non_blocking=True)
+        dist.all_reduce(counts)
+        return counts
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summed loss of this process, grad norm, [loss units, tokens] of the whole step); tensors
+        that the loop reads only when it logs."""
         micro = self.source.next_step()
-        # What the loss sums are divided by (loss tokens, pairs, or token weights), and the tokens
-        # throughput counts: both for the whole step, all processes.
-        step = torch.tensor([sum(b.loss_units for b in micro), sum(b.num_tokens for b in micro)], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(step)
-        units, tokens = float(step[0]), int(step[1])
-        denom = units / self.world  # DDP averages gradients over processes
+        counts = self.step_counts(micro)
+        # DDP averages gradients over processes, so each divides by units / world.
+        denom = float(counts[0]) if not self.distributed else (counts[0] / self.world).float()
         lr = lr_at(self.step, self.total_steps, self.warmup, self.cfg.lr, self.cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_total = torch.zeros((), device=self.device)
         mixed = autocast(self.device, self.dtype)
         for i, batch in enumerate(micro):
-            sync = self.world == 1 or i == len(micro) - 1
-            no_sync = contextlib.nullcontext() if sync else self.train_model.no_sync()
-            with no_sync:
+            sync = self.ddp is None or i == len(micro) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with mixed:
                     loss_sum, aux, *extra = self.loss_fn(self.train_model, batch.to(self.device))
                 loss = loss_sum / denom + aux / len(micro)
@@ -274,12 +396,30 @@ class Trainer:
             for k, v in (extra[0] if extra else {}).items():
                 self.metric_sums[k] = self.metric_sums.get(k, 0) + v.detach().double()
         self.scaler.unscale_(self.optimizer)
+        # After DDP's all-reduce every process holds the same gradients, hence the same norm and the
+        # same decision below.
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.apply_update(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_total, grad_norm, units, tokens
+        return loss_total, grad_norm, counts
+
+    def apply_update(self, grad_norm: torch.Tensor) -> None:
+        """optimizer.step(), unless the gradient norm is not finite: then the weights and the optimizer
+        state stay as they were and the step is counted in `skipped` (read at the next check)."""
+        if self.scaler.is_enabled():  # fp16: the scaler skips overflowing steps and lowers its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return
+        bad = ~torch.isfinite(grad_norm)
+        self.skipped += bad
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # Fused AdamW reads `found_inf` on the device and skips the whole update (moments and step
+            # count included) when it is 1: no host sync. (It is how GradScaler drives fused optimizers.)
+            self.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+            self.optimizer.step()
+        elif not bool(bad):
+            self.optimizer.step()
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -297,32 +437,38 @@ class Trainer:
             )
         start, window_start = time.perf_counter(), time.perf_counter()
         window_loss = torch.zeros((), device=self.device)
-        window_units, window_tokens, run_tokens, last_loss = 0.0, 0, 0, float("nan")
+        window = torch.zeros(2, dtype=torch.float64, device=self.device if self.distributed else "cpu")
+        run_tokens, last_loss = 0, float("nan")
         first_step = self.step
         while self.step < self.total_steps:
-            loss_sum, grad_norm, units, tokens = self.train_step()
+            loss_sum, grad_norm, counts = self.train_step()
             window_loss += loss_sum
-            window_units += units
-            window_tokens += tokens
-            run_tokens += tokens
-            self.tokens_seen += tokens
+            window += counts
             is_last = self.step == self.total_steps
             if self.step % cfg.log_every == 0 or is_last:
-                if self.world > 1:
+                if self.distributed:
                     dist.all_reduce(window_loss)
-                last_loss = float(window_loss) / max(window_units, 1e-9)
-                self._window_units = window_units
-                if self.world > 1:
                     for v in self.metric_sums.values():
                         dist.all_reduce(v)
-                self._check_finite(last_loss)
+                self.check_finite(window_loss)
+                window_units, window_tokens = window.tolist()
+                window_tokens = int(window_tokens)
+                run_tokens += window_tokens
+                self.tokens_seen += window_tokens
+                last_loss = float(window_loss) / max(window_units, 1e-9)
+                self._window_units = window_units
+                source_metrics = self.source_metrics()
                 elapsed = time.perf_counter() - window_start
-                self._log(last_loss, float(grad_norm), window_tokens / elapsed, time.perf_counter() - start, first_step)
+                self._log(
+                    last_loss, float(grad_norm), window_tokens / elapsed, time.perf_counter() - start, first_step,
+                    source_metrics,
+                )  # fmt: skip
                 window_loss.zero_()
+                window.zero_()
                 self.metric_sums = {}
-                window_units, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                window_start = time.perf_counter()
             if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
-                self._check_finite(float(loss_sum))
+                self.check_finite(loss_sum)
                 self.save()
         seconds = time.perf_counter() - start
         if self.rank == 0:
@@ -331,19 +477,43 @@ class Trainer:
             t.close() if hasattr(t, "close") else t.finish()
         return TrainResult(self.step, last_loss, run_tokens, seconds, run_tokens / max(seconds, 1e-9))
 
-    def _check_finite(self, loss: float) -> None:
-        if not math.isfinite(loss):
-            where = (
-                f"{self.out / self.checkpoint.weights}"
-                if (self.out / STATE).exists()
-                else "no checkpoint was written yet"
-            )
-            raise TrainingError(
-                f"loss is {loss} at step {self.step}; stopped without saving. Last good "
-                f"checkpoint: {where}. Try a lower --lr or --dtype float32."
-            )
+    def source_metrics(self) -> dict[str, float]:
+        """The batch source's own metrics since the last log (RL: rewards, lengths), averaged over processes."""
+        metrics = self.source.log_metrics() if hasattr(self.source, "log_metrics") else {}
+        if self.distributed and metrics:
+            keys = sorted(metrics)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(values)
+            metrics = dict(zip(keys, (values / self.world).tolist()))
+        return metrics
 
-    def _log(self, loss: float, grad_norm: float, tokens_per_s: float, elapsed: float, first_step: int) -> None:
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop, on every process at once, if a loss or a gradient norm since the start was not finite.
+        One all-reduce of [steps skipped, loss] makes every process decide on the same numbers (a NaN
+        on any one process makes the sum NaN everywhere)."""
+        flags = torch.stack([self.skipped.float(), loss.detach().float().reshape(())])
+        if self.distributed:
+            dist.all_reduce(flags)
+        skipped, total = flags.tolist()
+        if not skipped and math.isfinite(total):
+            return
+        folder = latest_checkpoint(self.out)
+        where = f"{self.out / self.checkpoint.weights} (step {checkpoint_step(folder)})" if folder else None
+        what = f"loss is {total}" if not math.isfinite(total) else f"gradient norm is not finite ({int(skipped)} steps)"
+        raise TrainingError(
+            f"{what} at step {self.step}; stopped without saving (no non-finite update was applied). Last good "
+            f"checkpoint: {where or 'none was written yet'}. Try a lower --lr or --dtype float32."
+        )
+
+    def _log(
+        self,
+        loss: float,
+        grad_norm: float,
+        tokens_per_s: float,
+        elapsed: float,
+        first_step: int,
+        source_metrics: dict[str, float],
+    ) -> None:
         if self.rank != 0:
             return
         lr = self.optimizer.param_groups[0]["lr"]
@@ -363,7 +533,6 @@ class Trainer:
             f"step {self.step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s"
         )
-        source_metrics = self.source.log_metrics() if hasattr(self.source, "log_metrics") else {}
         record.update({k: round(v, 6) for k, v in source_metrics.items()})
         line += "".join(f" | {k} {record[k]:.4g}" for k in [*self.metric_sums, *source_metrics])
         peak = self._peak_flops()
@@ -407,9 +576,23 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Run directory (weights tagged with the step) then train_state.pt, each atomically."""
+        """A complete checkpoint folder for this step (the stage's run directory plus train_state.pt),
+        then published as the run's latest (minimind/checkpoint.py: a crash at any point keeps the
+        previous one). Every process hands rank 0 its own RNG states and batch-source state."""
+        mine = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "source": self.source.state_dict(),
+        }
+        ranks: list[Any] | None = [mine]
+        if self.distributed:
+            ranks = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(mine, ranks, dst=0)
         if self.rank != 0:
             return
+        folder = checkpoint_dir(self.out, self.step)
+        if folder is None:
+            return  # this very step is saved already
         info = {
             **self.info,
             "step": self.step,
@@ -417,45 +600,89 @@ class Trainer:
             "tokens": self.tokens_seen,
             "train_config": asdict(self.cfg),
         }
-        self.checkpoint.save(self, info, {"step": str(self.step)})
+        self.checkpoint.save(self, folder, info, {"step": str(self.step)})
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "world": self.world,
+            "global_batch": self.cfg.batch_size * self.cfg.accumulation * self.world,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "sampler": self.source.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng": [{"torch": r["torch_rng"], "cuda": r["cuda_rng"]} for r in ranks],
+            "sources": [r["source"] for r in ranks],
         }
-        atomic_write(self.out / STATE, lambda tmp: torch.save(state, tmp))
+        atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
+        publish_checkpoint(self.out, folder)
 
-    def load_state(self) -> None:
-        """Weights from model.safetensors, everything else from train_state.pt; both must be the same step."""
+    def read_state(self) -> dict[str, Any]:
+        """train_state.pt of the last complete checkpoint (its folder under "folder"), after checking
+        that the weights beside it are from the same step."""
         from safetensors import safe_open
 
-        path = self.out / STATE
+        folder = latest_checkpoint(self.out) or self.out  # runs saved before checkpoint folders: the top
+        path = folder / STATE
         if not path.is_file():
-            raise CheckpointError(f"{path}: nothing to resume (no train_state.pt); drop --resume to start fresh")
+            raise CheckpointError(
+                f"{self.out}: nothing to resume (no complete checkpoint); drop --resume to start fresh"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
-        weights = self.out / self.checkpoint.weights
+        weights = folder / self.checkpoint.weights
         with safe_open(str(weights), "pt") as f:
             weights_step = int((f.metadata() or {}).get("step", -1))
         if weights_step != state["step"]:
             raise CheckpointError(
-                f"{self.out}: {weights.name} is from step {weights_step} but train_state.pt "
+                f"{folder}: {weights.name} is from step {weights_step} but train_state.pt "
                 f"from step {state['step']} (interrupted save?); cannot resume exactly"
             )
-        self.checkpoint.load(self)
+        if "sources" not in state:  # written before per-process states
+            state["rng"] = [{"torch": state["torch_rng"], "cuda": None}]
+            state["sources"] = [state["sampler"]]
+        state["folder"] = folder
+        return state
+
+    def _keep_global_batch(self, state: dict[str, Any]) -> None:
+        """Resuming under another number of processes: keep the global batch (and so the schedule and
+        the data position) by changing --accumulation, else --batch-size; refuse when neither can."""
+        c, saved_world, total = self.cfg, state.get("world", 1), state.get("global_batch")
+        if total is None or c.batch_size * c.accumulation * self.world == total:
+            return
+        per_process = total // self.world if total % self.world == 0 else 0
+        if per_process and per_process % c.batch_size == 0:
+            c.accumulation = per_process // c.batch_size
+        elif per_process and per_process % c.accumulation == 0:
+            c.batch_size = per_process // c.accumulation
+        else:
+            raise ConfigError(
+                f"--resume: this run's global batch is {total} (batch size x accumulation x {saved_world} "
+                f"processes), which {self.world} processes cannot split evenly; resume with a process count "
+                f"that divides {total}, or set --batch-size and --accumulation so that their product x "
+                f"{self.world} = {total}"
+            )
+        if self.rank == 0:
+            print(
+                f"resuming a run of {saved_world} process(es) on {self.world}: --batch-size {c.batch_size} "
+                f"--accumulation {c.accumulation} keep the global batch of {total}"
+            )
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Weights, optimizer, scaler, this process's RNG and batch-source state, step."""
+        if self.rank == 0 and state["folder"] != self.out:
+            publish_checkpoint(self.out, state["folder"])  # finishes a publish that a crash cut short
+        self.checkpoint.load(self, state["folder"])
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        same_world = len(state["sources"]) == self.world
+        # Under another world size the sources' shared part (sampler position, trackers) is rank 0's;
+        # what only one process had (e.g. an unfinished rollout) is dropped by the source itself.
         try:
-            self.source.load_state_dict(state["sampler"])
+            self.source.load_state_dict(state["sources"][self.rank if same_world else 0])
         except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            raise CheckpointError(f"{state['folder'] / STATE}: {e}") from None
+        rng = state["rng"][self.rank % len(state["rng"])]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
 
     def _trim_metrics(self) -> None:

@@ -132,9 +132,95 @@ def test_resume_refuses_mismatched_checkpoint(tokenizer, demo_rows, tmp_path):
 
     rows = demo_rows[0]
     train(tokenizer, rows, tmp_path / "r", max_steps=4)
-    save_weights(make_model(tokenizer), tmp_path / "r" / "model.safetensors", {"step": "3"})
+    folder = tmp_path / "r" / "checkpoints" / "step-00000004"
+    save_weights(make_model(tokenizer), folder / "model.safetensors", {"step": "3"})  # tampered with
     with pytest.raises(CheckpointError, match="from step 3 but train_state.pt from step 4"):
         train(tokenizer, rows, tmp_path / "r", max_steps=8, resume=True)
+
+
+class Killed(BaseException):
+    """What a kill does to a save: it stops at that point (BaseException: no handler catches it)."""
+
+
+def test_a_kill_at_any_write_point_leaves_an_exactly_resumable_run(tokenizer, demo_rows, tmp_path, monkeypatch):
+    """Fault injection: kill a run at each of the points where a save changes the disk (every rename,
+    hard link and removal, in all three saves), then `--resume` (or start afresh when no checkpoint was
+    complete yet). The run always ends bit-identical to an uninterrupted one, and the run directory's
+    model.safetensors is a complete file at every point."""
+    from minimind import checkpoint as ckpt
+
+    rows, kw = demo_rows[0], dict(max_steps=6, save_every=2, log_every=2)
+    train(tokenizer, rows, tmp_path / "straight", **kw)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    points: list[str] = []
+    monkeypatch.setattr(ckpt, "write_point", points.append)
+    train(tokenizer, rows, tmp_path / "count", **kw)
+    assert sum(p.startswith("rename") and p.endswith("latest") for p in points) == 3 and len(points) > 30
+    for k in range(len(points)):
+        out, seen = tmp_path / f"kill{k}", []
+
+        def kill_at_k(what: str, seen=seen, k=k) -> None:
+            seen.append(what)
+            if len(seen) == k + 1:
+                raise Killed(what)
+
+        monkeypatch.setattr(ckpt, "write_point", kill_at_k)
+        with pytest.raises(Killed):
+            train(tokenizer, rows, out, **kw)
+        monkeypatch.setattr(ckpt, "write_point", lambda what: None)
+        if (out / "model.safetensors").exists():
+            load_file(out / "model.safetensors")  # never a partial file
+        complete = ckpt.latest_checkpoint(out) is not None
+        _, result = train(tokenizer, rows, out, resume=complete, **kw)
+        assert result.steps == 6
+        final = load_file(out / "model.safetensors")
+        assert all(torch.equal(final[n], straight[n]) for n in straight), (k, points[k])
+        assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step-00000006"], points[k]
+
+
+class NaNGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_nonfinite_gradient_is_never_applied_and_stops_training(tokenizer, demo_rows, tmp_path):
+    """A finite loss with a NaN gradient at step 5: the update is not applied (weights and AdamW's
+    moments stay as they were), training stops before saving step 5, the last checkpoint (step 4)
+    holds exactly the weights the model still has."""
+    rows, calls = demo_rows[0], {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, aux = lm_loss(model, batch)
+        return (NaNGradient.apply(loss) if calls["n"] == 5 else loss), aux
+
+    cfg = TrainConfig(out=str(tmp_path / "g"), max_seq_len=SEQ, batch_size=8, accumulation=1, max_steps=20,
+                      save_every=1, log_every=10)  # fmt: skip
+    trainer = Trainer(cfg, make_model(tokenizer), tokenizer, rows, {"stage": "test"}, loss_fn=poisoned)
+    with pytest.raises(TrainingError, match="gradient norm is not finite .* at step 5.*step 4"):
+        trainer.fit()
+    saved = load_file(tmp_path / "g" / "model.safetensors")
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), saved[name]) if name in saved else True, name
+    state = torch.load(tmp_path / "g" / "train_state.pt", weights_only=True)
+    assert state["step"] == 4
+    moments = [s["exp_avg"] for s in trainer.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b["exp_avg"]) for a, b in zip(moments, state["optimizer"]["state"].values()))
+
+
+def test_a_huge_learning_rate_never_saves_nonfinite_weights(tokenizer, demo_rows, tmp_path):
+    """The review's reproduction (--lr 1e4 --save-every 1 --warmup-steps 0): training stops, and every
+    checkpoint it wrote holds finite weights."""
+    with pytest.raises(TrainingError, match="Last good checkpoint"):
+        train(tokenizer, demo_rows[0], tmp_path / "lr", lr=1e4, warmup_steps=0, save_every=1, max_steps=30)
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "lr" / "model.safetensors").values())
 
 
 def run_cli(args, env=None, nproc=1):

@@ -7,7 +7,7 @@ baseline from a tracker that remembers each prompt's success rate across steps:
     tracker:    Beta(alpha, beta) per prompt, mean v(x) = alpha / (alpha + beta), prior alpha0, beta0
     baseline:   b(x) = v(x) read *before* this step's reward is added
     update:     alpha <- rho alpha + r,   beta <- rho beta + (1 - r)
-    forgetting: rho = clip(2^(-D / D_half), rho_min, rho_max), D = KL(pi_now || pi_then), pi_then being
+    forgetting: rho = clip(2^(-D / D_half), rho_min, rho_max), D = KL(pi_then || pi_now), pi_then being
                 the policy that last answered x: the more the policy moved, the faster old outcomes fade
     advantage:  A = r - b(x), then normalised over the whole batch: (A - mean_B) / (std_B + eps)
     curriculum: sample prompt x with weight sqrt(v(1 - v)) + eps: the uncertain ones (v near 1/2) teach most

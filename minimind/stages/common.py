@@ -129,15 +129,20 @@ def fit_and_report(
     trainer: Trainer, evaluate: Callable[[], str] | None, unit: str = "tokens", label: str = "held-out"
 ) -> TrainResult:
     """Fit with the engine; print the held-out measure (if any) before and after, and a summary
-    (`unit`: what the engine's throughput counted, Batch.num_tokens)."""
-    if evaluate is not None and trainer.rank == 0:
-        print(f"{label} before: {evaluate()}", flush=True)
+    (`unit`: what the engine's throughput counted, Batch.num_tokens).
+
+    Under DDP every process runs the check (the same computation, no collectives) and rank 0 prints
+    it: no process waits for another's check in a collective, however long it takes."""
+    before = evaluate() if evaluate is not None else None
+    if before is not None and trainer.rank == 0:
+        print(f"{label} before: {before}", flush=True)
     result = trainer.fit()
+    after = evaluate() if evaluate is not None else None
     if trainer.rank == 0:
         print(
             f"done: {result.steps} steps, {result.tokens:,} {unit} in {result.seconds:.0f} s "
             f"({result.tokens_per_s:,.0f} {unit}/s), final loss {result.final_loss:.4f} -> {trainer.out}"
         )
-        if evaluate is not None:
-            print(f"{label} after: {evaluate()}", flush=True)
+        if after is not None:
+            print(f"{label} after: {after}", flush=True)
     return result

@@ -47,11 +47,11 @@ class AdapterCheckpoint(RunCheckpoint):
     def __init__(self, cfg: LoRAConfig):
         self.cfg = cfg
 
-    def save(self, trainer: Trainer, info: dict[str, Any], metadata: dict[str, str]) -> None:
-        save_adapter(trainer.model, trainer.out, self.cfg, info, metadata)
+    def save(self, trainer: Trainer, folder: Path, info: dict[str, Any], metadata: dict[str, str]) -> None:
+        save_adapter(trainer.model, folder, self.cfg, info, metadata)
 
-    def load(self, trainer: Trainer) -> None:
-        load_adapter_weights(trainer.model, trainer.out)
+    def load(self, trainer: Trainer, folder: Path) -> None:
+        load_adapter_weights(trainer.model, folder)
 
 
 def add_arguments(p: Any) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -137,8 +137,8 @@ class PPOState:
             b.old_values, b.returns = v.cpu(), ret.cpu()
             advs.append(a.cpu())
             masks.append(mask.cpu())
-            kl_pen.append(float(((on.old_logp - ref) * mask).sum() / mask.sum().clamp(min=1)))
-            values.append(float(v.sum() / mask.sum().clamp(min=1)))
+            kl_pen.append(((on.old_logp - ref) * mask).sum() / mask.sum().clamp(min=1))  # read once, below
+            values.append(v.sum() / mask.sum().clamp(min=1))
             start += n
         # Whiten over every token of the rollout (not per micro-batch).
         flat = torch.cat([a[m] for a, m in zip(advs, masks)])
@@ -148,7 +148,8 @@ class PPOState:
             k = int(m.sum())
             b.advantages = torch.zeros_like(a).masked_scatter(m, white[at : at + k])
             at += k
-        return {"kl_to_ref": float(np.mean(kl_pen)), "value": float(np.mean(values))}
+        kl_to_ref, value = torch.stack([torch.stack(kl_pen).mean(), torch.stack(values).mean()]).tolist()
+        return {"kl_to_ref": kl_to_ref, "value": value}
 
     def stop_early(self, source: RolloutSource) -> bool:
         o = source.opts
@@ -174,14 +175,14 @@ class PPOState:
 class PPOCheckpoint(RunCheckpoint):
     """The actor as the run directory, the critic beside it in RUN/critic/ (same step metadata)."""
 
-    def save(self, trainer: Any, info: dict[str, Any], metadata: dict[str, str]) -> None:
+    def save(self, trainer: Any, folder: Path, info: dict[str, Any], metadata: dict[str, str]) -> None:
         critic_info = {"stage": "reward", "role": "PPO critic", "parent": info.get("parent"), "step": info["step"]}
-        save_run(trainer.out / CRITIC, trainer.model.critic, trainer.tokenizer, critic_info, weights_metadata=metadata)
-        save_run(trainer.out, trainer.model.actor, trainer.tokenizer, info, weights_metadata=metadata)
+        save_run(folder / CRITIC, trainer.model.critic, trainer.tokenizer, critic_info, weights_metadata=metadata)
+        save_run(folder, trainer.model.actor, trainer.tokenizer, info, weights_metadata=metadata)
 
-    def load(self, trainer: Any) -> None:
-        load_weights(trainer.model.actor, trainer.out / WEIGHTS)
-        load_weights(trainer.model.critic, trainer.out / CRITIC / WEIGHTS)
+    def load(self, trainer: Any, folder: Path) -> None:
+        load_weights(trainer.model.actor, folder / WEIGHTS)
+        load_weights(trainer.model.critic, folder / CRITIC / WEIGHTS)
 
 
 def make_critic(actor: nn.Module, opts: PPOOptions, cfg: TrainConfig) -> RewardModel:

@@ -4,9 +4,12 @@ data, models, reward, loss: as GRPO (minimind/stages/grpo.py), with G = 1 comple
 baseline: a Beta tracker per prompt (minimind/rl/spo.py): b(x) = its success estimate before this
           visit; after it, the counts are discounted by rho = clip(2^(-D/D_half)) and the reward added.
           D = how far the policy moved since x was last seen: the sum of the per-rollout drift, each the
-          mean k3 KL between the policy that sampled a rollout and the policy one rollout later, on that
-          rollout's own tokens (one extra forward per rollout)
-advantage: A = r - b(x), normalised over the batch
+          mean k3 estimate of KL(pi_then || pi_now) on the tokens pi_then sampled in a rollout, pi_now
+          being the policy one rollout later (one extra forward per rollout)
+advantage: A = r - b(x), normalised over the (global) batch
+processes: under DDP every process gathers all rewards of a rollout before the tracker is updated, so
+          every process holds the same tracker, draws the same prompts and normalises over the same
+          batch: N processes train exactly as one process with the same global batch
 sampling: --prioritize draws prompts with weight sqrt(v(1 - v)) + eps (uncertain prompts first),
           from a generator seeded by (seed, rollout): resume repeats the same draws
 state:    tracker, drift, last visits, rollout count: saved in train_state.pt (exact resume)
@@ -18,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from minimind.config import _parse_bool
 from minimind.data.packing import IGNORE
@@ -42,6 +46,7 @@ class SPOState:
         self.drift = 0.0  # summed policy drift since the start
         self.seen_at = np.full(num_prompts, np.nan)  # drift when each prompt was last answered
         self.rollouts = 0
+        self.device, self.rank, self.world = torch.device("cpu"), 0, 1  # set by the source (before_rollout)
 
     def draw(self, source: RolloutSource) -> np.ndarray | None:
         """Prioritised draw (None: the source's usual shuffled order)."""
@@ -57,23 +62,43 @@ class SPOState:
     def before_rollout(self, source: RolloutSource) -> None:
         """Add the drift of the policy since the previous rollout, measured on that rollout's tokens."""
         t, kls = source.t, []
+        self.device, self.rank, self.world = t.device, t.rank, t.world
         for b in source.pending:
             on = b.to(t.device)
             with autocast(t.device, t.dtype):
                 now = token_logps(t.model(on.input_ids).logits, on.labels, source.opts.temperature)
             mask = on.labels != IGNORE
-            kls.append(k3_kl(now[mask], on.old_logp[mask]).mean())  # k3 estimate of KL(pi_then || pi_now)
+            # The tokens were sampled from pi_then, so k3 with pi_then as the sampling policy estimates
+            # KL(pi_then || pi_now): k3_kl(sampling log-probs, other log-probs).
+            kls.append(k3_kl(on.old_logp[mask], now[mask]).mean())
         if kls:
-            self.drift += float(torch.stack(kls).mean())
+            drift = torch.stack(kls).mean().double()
+            if self.world > 1:  # the mean over processes: every tracker discounts by the same D
+                dist.all_reduce(drift)
+                drift /= self.world
+            self.drift += float(drift)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n,) of this process -> the (world * n,) of all processes, in rank order (the global draw's)."""
+        if self.world == 1:
+            return x
+        x = x.to(self.device)
+        out = torch.empty(self.world * x.numel(), dtype=x.dtype, device=self.device)
+        dist.all_gather_into_tensor(out, x)
+        return out.cpu()
 
     def advantages(self, opts: RLOptions):
         def advantages(rewards: torch.Tensor, each: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-            baseline = self.tracker.values(each)
-            since = self.drift - self.seen_at[each]
-            self.tracker.update(each, rewards, np.where(np.isnan(since), 0.0, since))
-            self.seen_at[each] = self.drift
+            n = len(each)
+            every = self.gather(torch.as_tensor(each, dtype=torch.int64)).numpy()  # the whole global draw
+            rewards_all = self.gather(rewards.float())
+            baseline = self.tracker.values(every)
+            since = self.drift - self.seen_at[every]
+            self.tracker.update(every, rewards_all, np.where(np.isnan(since), 0.0, since))
+            self.seen_at[every] = self.drift
             self.rollouts += 1
-            return spo_advantages(rewards, baseline), {"baseline": float(baseline.mean()), "drift": self.drift}
+            adv = spo_advantages(rewards_all, baseline)[self.rank * n : (self.rank + 1) * n]
+            return adv, {"baseline": float(baseline.mean()), "drift": self.drift}
 
         return advantages
 
