@@ -175,8 +175,8 @@ def test_spo_resume_keeps_baselines_drift_and_prioritised_draws(pipeline, tmp_pa
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(tmp_path / "straight" / "train_state.pt")["sampler"]["stage"]
-    sb = torch.load(tmp_path / "split" / "train_state.pt")["sampler"]["stage"]
+    sa = torch.load(tmp_path / "straight" / "train_state.pt")["sources"][0]["stage"]
+    sb = torch.load(tmp_path / "split" / "train_state.pt")["sources"][0]["stage"]
     assert sa["prioritize"] and sb["prioritize"] and sa["rollouts"] == sb["rollouts"] == 4
     assert torch.equal(sa["tracker"]["alpha"], sb["tracker"]["alpha"]) and sa["drift"] == sb["drift"]
 
@@ -229,8 +229,8 @@ def test_ppo_resume_keeps_actor_critic_and_minibatch_position(pipeline, tmp_path
         b = load_file(str(tmp_path / "split" / sub / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     assert "reward_head.weight" in load_file(str(tmp_path / "split" / "critic" / "model.safetensors"))
-    sa = torch.load(tmp_path / "straight" / "train_state.pt")["sampler"]
-    sb = torch.load(tmp_path / "split" / "train_state.pt")["sampler"]
+    sa = torch.load(tmp_path / "straight" / "train_state.pt")["sources"][0]
+    sb = torch.load(tmp_path / "split" / "train_state.pt")["sources"][0]
     assert sa["stage"]["stopped"] == sb["stage"]["stopped"] > 0 and sa["sampler"] == sb["sampler"]
 
 
