@@ -495,11 +495,12 @@ class Trainer:
         if self.distributed:
             dist.all_reduce(flags)
         skipped, total = flags.tolist()
+        skipped = round(skipped / self.world) if self.distributed else round(skipped)  # each process counts them
         if not skipped and math.isfinite(total):
             return
         folder = latest_checkpoint(self.out)
         where = f"{self.out / self.checkpoint.weights} (step {checkpoint_step(folder)})" if folder else None
-        what = f"loss is {total}" if not math.isfinite(total) else f"gradient norm is not finite ({int(skipped)} steps)"
+        what = f"loss is {total}" if not math.isfinite(total) else f"gradient norm was not finite in {skipped} step(s)"
         raise TrainingError(
             f"{what} at step {self.step}; stopped without saving (no non-finite update was applied). Last good "
             f"checkpoint: {where or 'none was written yet'}. Try a lower --lr or --dtype float32."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,7 +205,7 @@ def test_a_nonfinite_gradient_is_never_applied_and_stops_training(tokenizer, dem
     cfg = TrainConfig(out=str(tmp_path / "g"), max_seq_len=SEQ, batch_size=8, accumulation=1, max_steps=20,
                       save_every=1, log_every=10)  # fmt: skip
     trainer = Trainer(cfg, make_model(tokenizer), tokenizer, rows, {"stage": "test"}, loss_fn=poisoned)
-    with pytest.raises(TrainingError, match="gradient norm is not finite .* at step 5.*step 4"):
+    with pytest.raises(TrainingError, match="not finite in 1 step.* at step 5.*step 4"):
         trainer.fit()
     saved = load_file(tmp_path / "g" / "model.safetensors")
     for name, p in trainer.model.named_parameters():
@@ -283,6 +284,63 @@ def test_ddp_two_processes_match_one(tokenizer_dir, demo_rows, tmp_path):
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def pretrain_argv(demo_rows, tokenizer_dir, out, *extra):
+    """A tiny pretraining run at a constant learning rate (the schedule does not depend on --max-steps,
+    so a run stopped at step 2 and resumed to 4 can be compared with 4 steps straight)."""
+    files, root = demo_rows[2], demo_rows[3]
+    argv = ["pretrain", "--data", files["pretrain"], "--tokenizer", tokenizer_dir, "--preset", "tiny"]
+    argv += ["--hidden-size", 64, "--num-layers", 2, "--max-seq-len", SEQ, "--accumulation", 1, "--lr", 3e-3]
+    argv += ["--warmup-steps", 0, "--min-lr-ratio", 1, "--log-every", 1, "--cache-dir", root / "cache"]
+    return argv + ["--device", "cpu", "--out", out, *extra]
+
+
+def test_resume_under_another_number_of_processes_keeps_the_global_batch(tokenizer_dir, demo_rows, tmp_path):
+    """2 processes x batch 4 for 2 steps, resumed by 1 process (accumulation 2), and 1 process x batch 8
+    resumed by 2 processes (batch 4): both equal 4 steps of 1 process x batch 8 (same global batches,
+    same data order). And one process under torchrun (DDP and its collectives at world size 1) equals
+    the plain run bit for bit."""
+    argv = lambda out, *extra: pretrain_argv(demo_rows, tokenizer_dir, tmp_path / out, *extra)
+    run_cli(argv("one", "--batch-size", 8, "--max-steps", 4))
+    run_cli(argv("launched", "--batch-size", 8, "--max-steps", 4), nproc=1)
+    run_cli(argv("two", "--batch-size", 4, "--max-steps", 2), nproc=2)
+    resume = ["pretrain", "--resume", "--data", demo_rows[2]["pretrain"], "--max-steps", 4, "--device", "cpu"]
+    log = run_cli(resume + ["--out", tmp_path / "two"])
+    assert "--batch-size 4 --accumulation 2 keep the global batch of 8" in log, log
+    run_cli(argv("back", "--batch-size", 8, "--max-steps", 2))
+    log = run_cli(resume + ["--out", tmp_path / "back"], nproc=2)
+    assert "--batch-size 4 --accumulation 1 keep the global batch of 8" in log, log
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    launched = load_file(tmp_path / "launched" / "model.safetensors")
+    assert all(torch.equal(one[k], launched[k]) for k in one)
+    for name in ("two", "back"):
+        other = load_file(tmp_path / name / "model.safetensors")
+        for k in one:
+            torch.testing.assert_close(one[k], other[k], atol=2e-5, rtol=1e-4, msg=f"{name}: {k}")
+    with pytest.raises(AssertionError, match="cannot split evenly"):
+        run_cli(argv("odd", "--batch-size", 3, "--max-steps", 1), nproc=2)
+        run_cli(resume + ["--out", tmp_path / "odd"], nproc=4)
+
+
+DDP_WORKER = Path(__file__).with_name("engine_ddp_worker.py")
+
+
+def test_a_nan_on_one_process_stops_every_process_together(tokenizer_dir, demo_rows, tmp_path):
+    """Only the last of two gloo processes gets a NaN loss (step 3): DDP's all-reduce spreads it to both
+    gradients, neither applies the update, and both stop at the same step, with the last good
+    checkpoint (step 2, finite) named; no process is left waiting in a collective."""
+    files, root = demo_rows[2], demo_rows[3]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(DDP_WORKER)]
+    cmd += [str(tmp_path), str(tokenizer_dir), str(files["pretrain"]), str(root / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    expected = "stopped at step 4: gradient norm was not finite in 1 step(s) at step 4"
+    assert all(text.startswith(expected) and "(step 2)" in text for text in seen), seen
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / "model.safetensors").values())
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["step"] == 2
 
 
 def test_yaml_config_and_flags(tokenizer_dir, demo_rows, tmp_path):
