@@ -92,7 +92,7 @@ def _run_cli(*args) -> str:
     return proc.stdout
 
 
-def _build_pipeline(root) -> dict:
+def _build_pipeline(root, seed: int = 0) -> dict:
     """demo data -> tokenizer -> pretrain (tiny) -> SFT -> LoRA identity adapter, all through the CLI."""
     from minimind.data.demo import write_demo_data
     from minimind.data.readers import iter_texts
@@ -101,7 +101,7 @@ def _build_pipeline(root) -> dict:
     tok = Tokenizer.train(iter_texts([files["pretrain"], files["sft"]]), vocab_size=1024)
     tok.save(root / "tokenizer")
     common = ["--max-seq-len", 128, "--batch-size", 16, "--accumulation", 1, "--log-every", 50]
-    common += ["--cache-dir", root / "cache", "--seed", 0]
+    common += ["--cache-dir", root / "cache", "--seed", seed]
     logs = {}
     logs["pretrain"] = _run_cli(
         "pretrain", "--data", files["pretrain"], "--tokenizer", root / "tokenizer", "--preset", "tiny",
@@ -128,7 +128,9 @@ def _build_pipeline(root) -> dict:
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
     """The demo pipeline at test scale, built once per test session even under xdist (file lock).
-    MINIMIND_TEST_PIPELINE=DIR keeps it in DIR across sessions (while developing: saves minutes)."""
+    MINIMIND_TEST_PIPELINE=DIR keeps it in DIR across sessions (while developing: saves minutes);
+    MINIMIND_TEST_SEED=N trains it with --seed N (default 0), to check that learning tests hold for
+    other seeds, not only the one they were tuned on."""
     import fcntl
     import json
     from pathlib import Path
@@ -143,7 +145,7 @@ def pipeline(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = shared / "done.json"
         if not done.exists():
-            result = _build_pipeline(shared)
+            result = _build_pipeline(shared, int(os.environ.get("MINIMIND_TEST_SEED", "0")))
             done.write_text(json.dumps(result, default=str))
         data = json.loads(done.read_text())
     data["files"] = {k: Path(v) for k, v in data["files"].items()}
