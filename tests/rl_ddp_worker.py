@@ -1,5 +1,6 @@
-"""Run under torch.distributed.run by tests/test_rl.py: a few GRPO steps, then each rank saves the
-prompts it drew and its weights to OUT/rank{R}.pt (only rank 0 writes the run directory)."""
+"""Run under torch.distributed.run by tests/test_rl.py: a few GRPO (or, with `spo` first, SPO) steps,
+then each rank saves the prompts it drew, its weights and (SPO) its tracker to OUT/rank{R}.pt (only
+rank 0 writes the run directory)."""
 
 import sys
 
@@ -7,14 +8,18 @@ import torch
 import torch.distributed as dist
 
 from minimind.cli import build_parser
-from minimind.stages import grpo
+from minimind.stages import grpo, spo
 
 out, argv = sys.argv[1], sys.argv[2:]
-trainer, _ = grpo.prepare_rl(build_parser("grpo").parse_args(argv), "grpo", grpo.RLOptions(), grpo.group_relative)
+if argv[0] == "spo":
+    trainer, _ = spo.prepare(build_parser("spo").parse_args(argv))
+else:
+    trainer, _ = grpo.prepare_rl(build_parser("grpo").parse_args(argv), "grpo", grpo.RLOptions(), grpo.group_relative)
 drawn = []
 draw = trainer.source.draw
 trainer.source.draw = lambda: drawn.append(draw().tolist()) or drawn[-1]
 trainer.fit()
 weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-torch.save({"prompts": drawn, "weights": weights}, f"{out}/rank{dist.get_rank()}.pt")
+state = trainer.source.stage_state.state_dict() if trainer.source.stage_state is not None else None
+torch.save({"prompts": drawn, "weights": weights, "stage": state}, f"{out}/rank{dist.get_rank()}.pt")
 dist.barrier()

@@ -131,3 +131,33 @@ def test_readers_tolerate_bom_and_crlf(tmp_path):
     txt = tmp_path / "plain.txt"
     txt.write_bytes(b"\xef\xbb\xbfline one\r\nline two\r\n")
     assert list(iter_texts([path, txt])) == ["one", "two", "line one", "line two"]
+
+
+def test_hardware_the_machine_lacks_is_a_one_line_error(cli_run, tmp_path, monkeypatch):
+    """--device cuda without a GPU, bf16 on hardware without it, --compile without a compiler: one line
+    each, saying what to do, before any training starts."""
+    import torch
+
+    from minimind import engine
+    from minimind.config import TrainConfig
+    from minimind.errors import ConfigError
+
+    files = write_demo_data(tmp_path / "data", scale=0.05)
+    argv = ["pretrain", "--data", files["pretrain"], "--tokenizer", cli_run / "tok", "--preset", "tiny"]
+    argv += ["--max-steps", 1, "--batch-size", 2, "--max-seq-len", 32, "--out", tmp_path / "p"]
+    if not torch.cuda.is_available():
+        proc = minimind(*argv, "--device", "cuda", check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert (
+            proc.stderr.startswith("ConfigError: --device cuda: no CUDA GPU is visible")
+            and "--device cpu" in proc.stderr
+        )
+    proc = minimind(*argv, "--device", "warp9", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("ConfigError: --device 'warp9': not a device"), proc.stderr
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)  # an AVX2-only CPU
+    with pytest.raises(ConfigError, match="--dtype bfloat16: this cpu has no bf16 hardware .* use --dtype float32"):
+        engine.precision(TrainConfig(out="x", dtype="bfloat16"), torch.device("cpu"))
+    assert engine.precision(TrainConfig(out="x"), torch.device("cpu")) == torch.float32  # auto: fp32 on CPUs
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="--compile on CPU needs a C\\+\\+ compiler"):
+        engine.check_compile(torch.device("cpu"))

@@ -268,3 +268,27 @@ def test_each_rl_stage_raises_the_mean_reward(pipeline, tmp_path, stage):
 
 def prepare_grpo(args):
     return grpo.prepare_rl(args, "grpo", grpo.RLOptions(), grpo.group_relative)
+
+
+def test_spo_under_ddp_keeps_one_tracker_for_all_processes(pipeline, tmp_path):
+    """SPO on two gloo processes with prioritised sampling: each process answers its own prompts, the
+    rewards of the whole global draw update one tracker that every process holds identically (so both
+    draw from the same weights), and the drift is the same number on both."""
+    f = pipeline["files"]
+    argv = ["spo", "--from", pipeline["sft"], "--data", f["rl"], "--out", tmp_path / "spo", "--reward", "rule:close"]
+    argv += ["--batch-size", 4, "--max-new-tokens", 8, "--max-steps", 3, "--seed", 0, "--prioritize", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
+    proc = subprocess.run(
+        cmd + [str(tmp_path)] + [str(a) for a in argv], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(not set(a) & set(b) for a, b in zip(r0["prompts"], r1["prompts"]))  # disjoint halves of one draw
+    s0, s1 = r0["stage"], r1["stage"]
+    assert s0["drift"] == s1["drift"] > 0 and s0["rollouts"] == s1["rollouts"] == 3
+    t0, t1 = s0["tracker"], s1["tracker"]
+    assert torch.equal(t0["ids"], t1["ids"]) and torch.equal(t0["alpha"], t1["alpha"])
+    assert torch.equal(t0["beta"], t1["beta"])
+    seen = {i for a, b in zip(r0["prompts"], r1["prompts"]) for i in a + b}
+    assert set(t0["ids"].tolist()) == seen  # the tracker saw every process's prompts
