@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 # then pip's wheel cache serves it.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint clean gpu-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(VENV)/.installed $(VENV)/.chromium
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/minimind demo --out runs/demo
+
+# On a CUDA machine: every training stage in bf16 without the math attention kernel, DDP on NCCL,
+# tokens/s + MFU + peak memory, decode speed (benchmarks/gpu_check.py). Without CUDA it says so, exits 0.
+gpu-check: $(VENV)/.installed
+	$(PY) benchmarks/gpu_check.py --json runs/gpu_check.json
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check minimind tests benchmarks
