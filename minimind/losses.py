@@ -47,6 +47,8 @@ def dpo_loss(
         h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
         sigmoid (DPO, Rafailov et al. 2023):  L = -log sigma(beta h)
         ipo (Azar et al. 2023):               L = (h - 1 / (2 beta))^2
+    IPO's log-probs are means over each completion's tokens (as in its paper and TRL; the DPO stage
+    divides by the lengths), so its target 1 / (2 beta) has the same scale for every pair.
     Returns (loss per pair, chosen reward beta (log pi(y_w) - log pi_ref(y_w)), rejected reward).
     """
     chosen_reward, rejected_reward = chosen - ref_chosen, rejected - ref_rejected
@@ -93,45 +95,54 @@ def kd_kl_sum(
     writes its gradient, d/dz_s = T (p_s - p_t) forward, T p_s (log p_s - log p_t - KL) reverse), so
     no (tokens x vocab) float32 tensor of probabilities is ever kept for the whole sequence. The
     teacher's logits get no gradient.
+
+    Chunks run over *all* positions and the mask selects (positions off it add 0 and get a 0
+    gradient, whatever their logits): a list of the masked positions would have a data-dependent
+    length, and asking for it (`nonzero`) makes the host wait for the GPU in every training step.
     """
     s = student_logits.reshape(-1, student_logits.shape[-1])
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    keep = mask.reshape(-1).nonzero().squeeze(-1)
+    keep = mask.reshape(-1) != 0
     return _ChunkedKL.apply(s, t, keep, float(temperature), bool(reverse), int(chunk))
+
+
+def _chunked_log_softmax(z: torch.Tensor, temperature: float, chunk: int):
+    """(start, stop, log_softmax(z[start:stop] / T) in float32) over every `chunk` rows of z."""
+    for start in range(0, z.shape[0], chunk):
+        yield start, start + chunk, torch.log_softmax(z[start : start + chunk].float() / temperature, dim=-1)
 
 
 class _ChunkedKL(torch.autograd.Function):
     @staticmethod
-    def _chunks(s, t, keep, temperature, chunk):
-        for start in range(0, keep.numel(), chunk):
-            idx = keep[start : start + chunk]
-            log_s = torch.log_softmax(s[idx].float() / temperature, dim=-1)
-            log_t = torch.log_softmax(t[idx].float() / temperature, dim=-1)
-            yield idx, log_s, log_t
+    def _chunks(s, t, temperature, chunk):
+        for (start, stop, log_s), (_, _, log_t) in zip(
+            _chunked_log_softmax(s, temperature, chunk), _chunked_log_softmax(t, temperature, chunk)
+        ):
+            yield start, stop, log_s, log_t
 
     @staticmethod
     def forward(ctx, s, t, keep, temperature, reverse, chunk):  # type: ignore[override]
         ctx.save_for_backward(s, t, keep)
         ctx.temperature, ctx.reverse, ctx.chunk = temperature, reverse, chunk
         total = torch.zeros((), dtype=torch.float32, device=s.device)
-        for _, log_s, log_t in _ChunkedKL._chunks(s, t, keep, temperature, chunk):
+        for start, stop, log_s, log_t in _ChunkedKL._chunks(s, t, temperature, chunk):
             a, b = (log_s, log_t) if reverse else (log_t, log_s)
-            total = total + (a.exp() * (a - b)).sum()
+            total = total + torch.where(keep[start:stop], (a.exp() * (a - b)).sum(-1), 0.0).sum()
         return total * temperature**2
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         s, t, keep = ctx.saved_tensors
         T = ctx.temperature
-        grad = torch.zeros_like(s)
-        for idx, log_s, log_t in _ChunkedKL._chunks(s, t, keep, T, ctx.chunk):
+        grad = torch.empty_like(s)
+        for start, stop, log_s, log_t in _ChunkedKL._chunks(s, t, T, ctx.chunk):
             p_s = log_s.exp()
             if ctx.reverse:
                 d = log_s - log_t
                 g = p_s * (d - (p_s * d).sum(-1, keepdim=True))
             else:
                 g = p_s - log_t.exp()
-            grad[idx] = (grad_out * T * g).to(grad.dtype)
+            grad[start:stop] = torch.where(keep[start:stop, None], grad_out * T * g, 0.0).to(grad.dtype)
         return grad, None, None, None, None, None
 
 
@@ -198,7 +209,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     max_len: int | None = None,
-) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, int | torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss on completion tokens. Returns (loss sum, units, stats); loss = sum / units.
 
     logp: log pi_theta(y_t) with gradient; old_logp: log pi_old(y_t) of the policy that sampled the
@@ -221,7 +232,8 @@ def policy_loss(
                   must be the same constant for every micro-batch (the generation budget,
                   max_new_tokens); it defaults to T, which is only constant if rows are padded to it.
         ppo, cispo: sum over all tokens, units = tokens -> loss = sum_it L_it / sum_i |o_i|
-                  (token-level mean over the whole batch, as PPO/DAPO and MiniMax-M1 do).
+                  (token-level mean over the whole batch, as PPO/DAPO and MiniMax-M1 do). These
+                  units are a 0-d tensor on the mask's device (the others a Python int).
 
     stats (detached float32 scalars, masked means over tokens):
         clip_frac:  share of tokens where clipping changed the objective: clipped kinds pick the
@@ -259,8 +271,8 @@ def policy_loss(
         loss, units = (per_token.sum(-1) / m.sum(-1).clamp(min=1)).sum(), m.shape[0]
     elif kind == "dr_grpo":
         loss, units = per_token.sum() / (max_len or m.shape[-1]), m.shape[0]
-    else:
-        loss, units = per_token.sum(), int(m.sum())
+    else:  # units stay a tensor: int() here would make the host wait for the device every step
+        loss, units = per_token.sum(), m.sum()
     rho = rho.detach()
     stats["clip_frac"] = masked_mean(clipped.float(), m)
     stats["ratio"] = masked_mean(rho, m)
@@ -343,13 +355,13 @@ def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor, chunk: int = 2
     """Mean entropy of the next-token distribution over masked positions:
 
         H_t = -sum_v p_v log p_v,  p = softmax(logits_t);   returns sum_t m_t H_t / sum_t m_t
-    Computed `chunk` positions at a time in float32, only at masked positions, so a (tokens x vocab)
-    float32 tensor never exists for the whole batch. Differentiable (usable as an entropy bonus).
+    Computed `chunk` positions at a time in float32, so a (tokens x vocab) float32 tensor never
+    exists for the whole batch; positions off the mask are computed too and add 0 (no
+    data-dependent shapes, so no host-device sync). Differentiable (usable as an entropy bonus).
     """
     z = logits.reshape(-1, logits.shape[-1])
-    keep = mask.reshape(-1).nonzero().squeeze(-1)
+    keep = mask.reshape(-1) != 0
     total = z.new_zeros((), dtype=torch.float32)
-    for start in range(0, keep.numel(), chunk):
-        logp = torch.log_softmax(z[keep[start : start + chunk]].float(), dim=-1)
-        total = total - (logp.exp() * logp).sum()
-    return total / max(keep.numel(), 1)
+    for start, stop, logp in _chunked_log_softmax(z, 1.0, chunk):
+        total = total - torch.where(keep[start:stop], (logp.exp() * logp).sum(-1), 0.0).sum()
+    return total / keep.sum().clamp(min=1)

@@ -23,7 +23,8 @@ Rules read the tags; reward models judge what a user is shown, the reply with it
 
 Scores are per completion. `prompts` holds one prompt per completion, or one per group of k
 consecutive completions (GRPO's G samples of each prompt). Reward models load on first use, once
-per process and device.
+per process and device, on the device the reward is bound to: `parse_reward(spec, device)` or
+`reward.to(device)` (the RL stages bind the trainer's device; the default is the CPU).
 """
 
 from __future__ import annotations
@@ -226,13 +227,24 @@ def check_math_prompts(prompts: Sequence[Prompt]) -> None:
             raise DataError(f"{p.where}: rule:math needs a numeric answer, got {p.answer!r}")
 
 
-def model_component(load: Callable, scores: Callable, path: str, device: str, clip: float | None) -> Component:
-    def component(prompts: list[Prompt], replies: list[str]) -> list[float]:
-        model, tok = load(path, device)
-        values = scores(model, tok, [visible_conversation(p, r) for p, r in zip(prompts, replies)])
-        return [min(max(v, -clip), clip) for v in values] if clip is not None else values
+@dataclass
+class ModelComponent:
+    """A reward model's score of each reply (clipped to ±clip), loaded on `device` at the first call."""
 
-    return component
+    load: Callable  # (path, device) -> (model, tokenizer), cached per process and device
+    scores: Callable  # (model, tokenizer, conversations) -> scores
+    path: str
+    device: str
+    clip: float | None
+
+    def model(self) -> tuple:
+        return self.load(self.path, self.device)
+
+    def __call__(self, prompts: list[Prompt], replies: list[str]) -> list[float]:
+        model, tok = self.model()
+        values = self.scores(model, tok, [visible_conversation(p, r) for p, r in zip(prompts, replies)])
+        clip = self.clip
+        return [min(max(v, -clip), clip) for v in values] if clip is not None else values
 
 
 # rule name -> (its options with their defaults, the component made from the options given)
@@ -266,6 +278,13 @@ class RewardFn:
 
     def __init__(self, terms: list[Term], spec: str):
         self.terms, self.spec = terms, spec
+
+    def to(self, device: str | torch.device) -> RewardFn:
+        """Score with the reward models on `device` (the trainer's); rules run on the host either way."""
+        for t in self.terms:
+            if isinstance(t.component, ModelComponent):
+                t.component.device = str(device)
+        return self
 
     def check(self, prompts: Sequence[Prompt]) -> None:
         """Raise now, not at step 500, when the prompts lack what a term needs (rule:math: answers)."""
@@ -340,7 +359,7 @@ def parse_term(body: str, device: str) -> Component:
     if not Path(path).is_dir():
         raise ConfigError(f"--reward: {kind}:{path}: no such directory")
     load, scores = (load_rm, rm_scores) if kind == "rm" else (load_hf, hf_scores)
-    return model_component(load, scores, str(Path(path).resolve()), str(device), options["clip"])
+    return ModelComponent(load, scores, str(Path(path).resolve()), str(device), options["clip"])
 
 
 def rm_scores(model, tok, conversations: list[list[dict]]) -> list[float]:

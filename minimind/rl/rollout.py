@@ -98,10 +98,19 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) 
     return out.masked_fill(labels == IGNORE, 0.0)
 
 
-def completion_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """(input_ids, labels) of prompt + completion rows, right-padded to a multiple of 8."""
+def completion_rows(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, max_positions: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """(input_ids, labels) of prompt + completion rows, right-padded to a multiple of 8 (friendlier
+    shapes for the kernels), but never past `max_positions`, the model's RoPE table: a padded column
+    there would index beyond it (a device-side assert on CUDA) even though it carries no loss."""
     seqs = [p + c for p, c in zip(prompts, completions)]
-    T = -(-max(len(s) - 1 for s in seqs) // 8) * 8
+    longest = max(len(s) - 1 for s in seqs)
+    T = -(-longest // 8) * 8
+    if max_positions is not None:
+        if longest > max_positions:
+            raise ValueError(f"a prompt + completion of {longest + 1} tokens exceeds {max_positions} positions")
+        T = min(T, max_positions)
     inputs = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
     for j, (p, s) in enumerate(zip(prompts, seqs)):
@@ -163,7 +172,8 @@ class RolloutSource:
         reference: nn.Module | None,
         stage_state: Any = None,
     ):
-        self.t, self.prompts, self.prompt_ids, self.reward, self.opts = trainer, prompts, prompt_ids, reward, opts
+        self.t, self.prompts, self.prompt_ids, self.opts = trainer, prompts, prompt_ids, opts
+        self.reward = reward.to(trainer.device)  # reward models score where the policy runs
         self.advantages, self.reference, self.stage_state = advantages, reference, stage_state
         self.cfg = trainer.cfg
         self.sampler = Sampler(len(prompts), self.cfg.seed)
@@ -265,6 +275,7 @@ class RolloutSource:
             max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids
         )
         model = policy_of(t.model)
+        max_positions = model.cfg.max_position_embeddings
         model.eval()
         t0 = time.perf_counter()
         completions: list[list[int]] = []
@@ -294,19 +305,21 @@ class RolloutSource:
         for start in range(0, len(each), B * G):
             stop = start + B * G
             inputs, labels = completion_rows(
-                [self.prompt_ids[i] for i in each[start:stop]], completions[start:stop], tok.pad_id
+                [self.prompt_ids[i] for i in each[start:stop]], completions[start:stop], tok.pad_id, max_positions
             )
             batches.append(
                 RolloutBatch(inputs, labels, None, adv[start:stop].clone(), per_sequence=o.loss in ("grpo", "dr_grpo"))
             )
+        # Log-probs stay on the device that computes them and the optimizer steps read them: a .cpu()
+        # per micro-batch would make the host wait for each forward pass in turn.
         with torch.no_grad():
             for b in batches:
                 on = b.to(t.device)
                 with autocast(t.device, t.dtype):
                     if self.reference is not None:
-                        b.ref_logp = token_logps(self.reference(on.input_ids).logits, on.labels, o.temperature).cpu()
+                        b.ref_logp = token_logps(self.reference(on.input_ids).logits, on.labels, o.temperature)
                     if o.ppo_epochs > 1 or getattr(self.stage_state, "needs_old_logp", False):
-                        b.old_logp = token_logps(t.train_model(on.input_ids).logits, on.labels, o.temperature).cpu()
+                        b.old_logp = token_logps(t.train_model(on.input_ids).logits, on.labels, o.temperature)
         if hasattr(self.stage_state, "finish"):  # PPO: values, token rewards, GAE
             self._record(self.stage_state.finish(self, batches, rewards.total))
         return batches

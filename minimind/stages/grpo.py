@@ -111,7 +111,7 @@ def prepare_rl(
     model, loss, checkpoint = setup(run, opts, cfg)
     tok = run.tokenizer
     prompts = read_prompts(args.data, cfg.skip_bad_lines)
-    reward = parse_reward(opts.reward)
+    reward = parse_reward(opts.reward)  # checked now; RolloutSource binds it to the trainer's device
     reward.check(prompts)
     room = min(cfg.max_seq_len, run.cfg.max_position_embeddings) - opts.max_new_tokens
     ids = [encode_prompt(tok, p, opts.think) for p in prompts]
