@@ -234,22 +234,32 @@ def test_ppo_resume_keeps_actor_critic_and_minibatch_position(pipeline, tmp_path
     assert sa["stage"]["stopped"] == sb["stage"]["stopped"] > 0 and sa["sampler"] == sb["sampler"]
 
 
-LONGER = "rule:close"  # partial credit for near misses: samples of one prompt earn different rewards
+def even_answer(reply: str) -> float:
+    """1 when the reply's final answer is an even integer, else 0 (a reward for the test alone)."""
+    from minimind.rl.rewards import final_answer
+
+    try:
+        return float(int(float(final_answer(reply))) % 2 == 0)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 @pytest.mark.parametrize("stage", ["grpo", "ppo", "spo"])
-def test_each_rl_stage_raises_the_mean_reward(pipeline, tmp_path, stage):
-    """Partial credit for sums (1 - |error| / 10; the SFT model is usually off by a few): 20 steps of each
-    algorithm on 32 prompts raise the mean reward of greedy replies to those prompts, what RL optimises.
-    (On sums never seen the 0.9M model barely moves in 20 steps; `make demo` measures both.)"""
+def test_each_rl_stage_raises_the_mean_reward(pipeline, tmp_path, stage, monkeypatch):
+    """20 steps of each algorithm on 32 prompts raise the mean reward of the policy's replies to them,
+    greedy and sampled at the training temperature. The reward is one the 0.9M SFT model can learn in
+    20 steps with a large margin on any CPU: an even final answer (about half of its samples to start
+    with; a preference at the answer's tokens). The arithmetic reward `rule:close` moved greedy replies
+    by -0.08..+0.20 over pipelines built on other instruction sets and seeds: no margin (NOTES.md)."""
     from minimind.data.prompts import read_prompts
-    from minimind.rl.rewards import parse_reward
+    from minimind.rl import rewards
     from minimind.rl.rollout import RLOptions, held_out_rewards, policy_of
     from minimind.stages import ppo, spo
 
+    monkeypatch.setitem(rewards.RULES, "even", ({}, lambda options: rewards.per_reply(even_answer)))
     data = tmp_path / "rl32.jsonl"
     data.write_text("".join(pipeline["files"]["rl"].read_text().splitlines(keepends=True)[:32]))
-    argv = [stage, "--from", pipeline["sft"], "--data", data, "--out", tmp_path / stage, "--reward", LONGER]
+    argv = [stage, "--from", pipeline["sft"], "--data", data, "--out", tmp_path / stage, "--reward", "rule:even"]
     argv += ["--max-new-tokens", 16, "--max-steps", 20, "--seed", 0, "--log-every", 5, "--lr", 1e-4]
     argv += ["--temperature", 0.7] + (
         ["--batch-size", 8, "--num-generations", 8] if stage == "grpo" else ["--batch-size", 32]
@@ -258,12 +268,16 @@ def test_each_rl_stage_raises_the_mean_reward(pipeline, tmp_path, stage):
     prepare = {"grpo": prepare_grpo, "ppo": ppo.prepare, "spo": spo.prepare}[stage]
     trainer, _ = prepare(args)
     practised = read_prompts([data])
-    opts, reward = RLOptions(max_new_tokens=16, temperature=0.7), parse_reward(LONGER)
-    measure = lambda: held_out_rewards(policy_of(trainer.model), trainer.tokenizer, practised, reward, opts)
-    before = measure()["greedy"]["reward"]
+    opts, reward = RLOptions(max_new_tokens=16, temperature=0.7), rewards.parse_reward("rule:even")
+    measure = lambda: held_out_rewards(policy_of(trainer.model), trainer.tokenizer, practised, reward, opts, 8)
+    before = measure()
     trainer.fit()
-    after = measure()["greedy"]["reward"]
-    assert after > before + 0.1, (stage, before, after)  # measured: +0.20 to +0.26 from 0.41
+    after = measure()
+    greedy = after["greedy"]["reward"] - before["greedy"]["reward"]
+    sampled = after["sampled"]["reward"] - before["sampled"]["reward"]
+    # Measured over 2 pipelines x 3 test seeds x 3 instruction-set settings (NOTES.md, session 9):
+    # greedy +0.31..+0.50, sampled +0.13..+0.29; asserted at about half the smallest of each.
+    assert greedy > 0.15 and sampled > 0.06, (stage, before, after)
 
 
 def prepare_grpo(args):
