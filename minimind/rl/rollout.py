@@ -234,12 +234,16 @@ class RolloutSource:
             "steps_left": self.steps_left,
             "pending": [b.tensors() for b in self.pending],  # SPO measures drift on the last rollout
             "stage": self.stage_state.state_dict() if self.stage_state is not None else None,
+            "world": self.t.world,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resume under another number of processes drops the unfinished rollout (its micro-batches
+        were one process's share of another split): the next step samples a fresh one."""
         self.sampler.load_state_dict(state["sampler"])
-        self.steps_left = state["steps_left"]
-        self.pending = [RolloutBatch(**b) for b in state["pending"]]
+        same_split = state.get("world", self.t.world) == self.t.world
+        self.steps_left = state["steps_left"] if same_split else 0
+        self.pending = [RolloutBatch(**b) for b in state["pending"]] if same_split else []
         if self.stage_state is not None and state.get("stage") is not None:
             self.stage_state.load_state_dict(state["stage"])
 
