@@ -193,7 +193,8 @@ def test_a_few_steps_raise_heldout_margin_and_accuracy(pipeline, tmp_path):
     after = dpo.evaluate(trainer, held, loss)
     assert after["reward_margin"] > 0.2 and after["reward_acc"] > 0.55 and after["loss"] < 0.65, after
     # It sharpens preferences without wrecking the model: the policy still prefers chosen as often.
-    assert after["prefers_chosen"] >= before["prefers_chosen"] - 0.1, (before, after)
+    # Measured: -0.02 and -0.08 on two pipelines (NOTES.md, session 9): a guard at 2.5x the larger drop.
+    assert after["prefers_chosen"] >= before["prefers_chosen"] - 0.2, (before, after)
     logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_margin", "reward_acc", "logp_chosen", "logp_rejected"} <= logged[-1].keys()
     assert logged[-1]["loss"] < logged[0]["loss"] < 0.7
