@@ -84,6 +84,17 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def on_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in it (in dicts, lists, tuples) moved to the CPU, for train_state.pt."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
     """Linear warmup to lr over `warmup` steps, then cosine decay to lr * min_ratio at `total`."""
     if step < warmup:
@@ -583,7 +594,7 @@ class Trainer:
         mine = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "source": self.source.state_dict(),
+            "source": on_cpu(self.source.state_dict()),  # e.g. an RL rollout's log-probs, kept on the GPU
         }
         ranks: list[Any] | None = [mine]
         if self.distributed:
