@@ -76,7 +76,8 @@ def test_ratio_is_one_on_the_first_step_then_moves_and_clips(pipeline, tmp_path)
     # A reward that differs within groups (reply length), so that advantages are not all 0.
     varied = ["--reward", "rule:length@min=13,think_min=0", "--temperature", 1.5]
     trainer, _ = prepare(pipeline, tmp_path / "r", "--ppo-epochs", 3, "--lr", 3e-2, "--max-steps", 3, *varied)
-    _, _, units, _ = trainer.train_step()
+    _, _, counts = trainer.train_step()  # [loss units, tokens] of the step
+    units = float(counts[0])
     first = take_metrics(trainer)
     assert units == 16  # grpo averages per completion: 4 prompts x 4 completions
     assert first["ratio"] == units and first["approx_kl"] == 0 and first["clip_frac"] == 0
