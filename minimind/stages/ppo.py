@@ -107,7 +107,7 @@ class PPOLoss(PolicyLoss):
         o = self.opts
         loss, units, stats = super().terms(out, batch)
         vl, vf_clip = value_loss(out.values, batch.old_values, batch.returns, batch.labels != IGNORE, o.value_clip)
-        stats.update(value_loss=vl.detach() / max(units, 1), vf_clip=vf_clip)
+        stats.update(value_loss=vl.detach() / units.clamp(min=1), vf_clip=vf_clip)  # units: a device tensor
         return loss + o.vf_coef * vl, units, stats
 
 
