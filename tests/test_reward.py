@@ -64,7 +64,9 @@ def test_reward_model_learns_to_rank_heldout_pairs(pipeline, tmp_path):
     assert "held-out before: pairwise accuracy" in log and "held-out after: pairwise accuracy" in log
     model, tok = load_reward_model(out)
     after = accuracy(model, tok, held)
-    assert abs(before - 0.5) <= 0.2 and after >= 0.68 and after >= before + 0.15, (before, after)
+    # Measured 0.52 -> 0.70 and 0.56 -> 0.80 on pipelines built with AVX-512 and AVX2 kernels (NOTES.md,
+    # session 9): asserted at half the smaller gain, and clearly above chance.
+    assert abs(before - 0.5) <= 0.2 and after >= 0.6 and after >= before + 0.09, (before, after)
     assert f"held-out after: pairwise accuracy {after:.0%}" in log  # score() agrees with training's scores
     saved = load_file(str(out / "model.safetensors"))
     assert saved.keys() - load_file(str(pipeline["sft"] / "model.safetensors")).keys() == {"reward_head.weight"}
