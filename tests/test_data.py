@@ -144,3 +144,32 @@ def test_demo_sums_in_held_out_files_never_appear_in_training_files(tmp_path):
     assert words(sft_records(200, 1, held_out=False)) == words(sft_records(200, 1, held_out=True))
     with pytest.raises(ValueError, match="no pair in"):  # a range with nothing on that side: an error, not a hang
         sum_pair(random.Random(0), (3, 3), (4, 4), held_out=not held_out_sum(3, 4))
+
+
+def test_processes_beside_each_other_tokenize_a_cache_once(tokenizer_dir, tmp_path):
+    """Two processes (as the ranks of a torchrun on one machine) ask for the same pretraining and chat
+    caches at once: one tokenizes, the other waits on the cache's lock and memory-maps the result."""
+    import subprocess
+    import sys
+
+    from minimind.data.demo import write_demo_data
+
+    files = write_demo_data(tmp_path / "data", scale=0.5)
+    big = tmp_path / "big.jsonl"
+    big.write_text(files["pretrain"].read_text(encoding="utf-8") * 20, encoding="utf-8")
+    script = (
+        "import sys, numpy as np\n"
+        "from minimind.tokenizer import Tokenizer\n"
+        "from minimind.data.tokens import tokenize_files\n"
+        "from minimind.data.chat import tokenize_conversations\n"
+        "tok = Tokenizer.load(sys.argv[1])\n"
+        "t = tokenize_files([sys.argv[2]], tok, sys.argv[4])\n"
+        "c = tokenize_conversations([sys.argv[3]], tok, 128, sys.argv[4])\n"
+        "print(t.reused, c.reused, int(np.asarray(t.tokens, dtype=np.int64).sum()), len(c.tokens))\n"
+    )
+    argv = [sys.executable, "-c", script, str(tokenizer_dir), str(big), str(files["sft"]), str(tmp_path / "cache")]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(o[0] for o in outs) == ["False", "True"] and sorted(o[1] for o in outs) == ["False", "True"], outs
+    assert outs[0][2:] == outs[1][2:]  # the same tokens either way

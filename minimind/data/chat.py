@@ -32,7 +32,7 @@ import torch
 from minimind.checkpoint import atomic_write, atomic_write_text
 from minimind.data.packing import IGNORE, Batch
 from minimind.data.readers import iter_jsonl
-from minimind.data.tokens import default_cache_dir, file_digest, save_npy
+from minimind.data.tokens import cache_lock, default_cache_dir, file_digest, save_npy
 from minimind.errors import DataError
 from minimind.tokenizer import BOS, EOS, PAD, Tokenizer
 
@@ -190,53 +190,54 @@ def tokenize_conversations(
     key = f"chat-v{CHAT_CACHE_VERSION}-{max_seq_len}-{skip_bad_lines}-{file_digest(paths, tokenizer)}"
     h = hashlib.sha256(key.encode())
     base = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"chat-{h.hexdigest()[:24]}"
-    meta_path = base.with_suffix(".json")
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return ChatTokens(
-            np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"),
-            np.memmap(base.with_suffix(".mask"), dtype=bool, mode="r"),
-            np.load(base.with_suffix(".idx.npy")),
-            meta["truncated"],
-            meta["dropped"],
-            meta["skipped"],
-            reused=True,
-        )
-    skipped: list[str] = []
-    ids_parts, mask_parts, lengths = [], [], []
-    truncated = dropped = 0
-    batch: list[list[dict]] = []
+    with cache_lock(base):  # one builder per cache (see minimind.data.tokens.cache_lock)
+        meta_path = base.with_suffix(".json")
+        dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            return ChatTokens(
+                np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"),
+                np.memmap(base.with_suffix(".mask"), dtype=bool, mode="r"),
+                np.load(base.with_suffix(".idx.npy")),
+                meta["truncated"],
+                meta["dropped"],
+                meta["skipped"],
+                reused=True,
+            )
+        skipped: list[str] = []
+        ids_parts, mask_parts, lengths = [], [], []
+        truncated = dropped = 0
+        batch: list[list[dict]] = []
 
-    def flush() -> None:
-        nonlocal truncated, dropped
-        for item in encode_conversations(tokenizer, batch, max_seq_len + 1):
-            if item is None:
-                dropped += 1
-                continue
-            ids, trained, was_cut = item
-            truncated += was_cut
-            ids_parts.append(ids.astype(dtype))
-            mask_parts.append(trained)
-            lengths.append(len(ids))
-        batch.clear()
+        def flush() -> None:
+            nonlocal truncated, dropped
+            for item in encode_conversations(tokenizer, batch, max_seq_len + 1):
+                if item is None:
+                    dropped += 1
+                    continue
+                ids, trained, was_cut = item
+                truncated += was_cut
+                ids_parts.append(ids.astype(dtype))
+                mask_parts.append(trained)
+                lengths.append(len(ids))
+            batch.clear()
 
-    for messages in iter_conversations(paths, skipped if skip_bad_lines else None):
-        batch.append(messages)
-        if len(batch) == BATCH:
-            flush()
-    flush()
-    if not lengths:
-        raise DataError(f"{paths[0]}: no conversation fits in max_seq_len {max_seq_len}")
-    tokens, trained = np.concatenate(ids_parts), np.concatenate(mask_parts)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    atomic_write(base.with_suffix(".bin"), lambda tmp: tokens.tofile(tmp))
-    atomic_write(base.with_suffix(".mask"), lambda tmp: trained.tofile(tmp))
-    atomic_write(base.with_suffix(".idx.npy"), lambda tmp: save_npy(tmp, offsets))
-    meta = {"files": [str(p) for p in paths], "truncated": truncated, "dropped": dropped, "skipped": skipped}
-    atomic_write_text(meta_path, json.dumps(meta))  # last: its presence means the cache is complete
-    return ChatTokens(tokens, trained, offsets, truncated, dropped, skipped)
+        for messages in iter_conversations(paths, skipped if skip_bad_lines else None):
+            batch.append(messages)
+            if len(batch) == BATCH:
+                flush()
+        flush()
+        if not lengths:
+            raise DataError(f"{paths[0]}: no conversation fits in max_seq_len {max_seq_len}")
+        tokens, trained = np.concatenate(ids_parts), np.concatenate(mask_parts)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        atomic_write(base.with_suffix(".bin"), lambda tmp: tokens.tofile(tmp))
+        atomic_write(base.with_suffix(".mask"), lambda tmp: trained.tofile(tmp))
+        atomic_write(base.with_suffix(".idx.npy"), lambda tmp: save_npy(tmp, offsets))
+        meta = {"files": [str(p) for p in paths], "truncated": truncated, "dropped": dropped, "skipped": skipped}
+        atomic_write_text(meta_path, json.dumps(meta))  # last: its presence means the cache is complete
+        return ChatTokens(tokens, trained, offsets, truncated, dropped, skipped)
 
 
 def pack(lengths: np.ndarray, capacity: int) -> list[list[int]]:

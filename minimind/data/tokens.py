@@ -18,10 +18,16 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from minimind.checkpoint import atomic_write, atomic_write_text
 from minimind.data.readers import iter_jsonl, iter_lines
@@ -102,6 +108,24 @@ class TokenFile:
         return len(self.offsets) - 1
 
 
+@contextmanager
+def cache_lock(base: Path) -> Iterator[None]:
+    """Hold BASE.lock exclusively: of the processes that want one cache at once (the ranks of a
+    torchrun on one machine, runs side by side), one builds it and the others wait here, then find
+    it complete and memory-map it. The OS releases the lock if the builder dies; without `fcntl`
+    (Windows) there is no waiting, and each process builds (atomically) as before."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(base.with_suffix(".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def tokenize_files(
     paths: list[str | Path], tokenizer: Tokenizer, cache_dir: str | Path | None = None, skip_bad_lines: bool = False
 ) -> TokenFile:
@@ -112,48 +136,51 @@ def tokenize_files(
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = hashlib.sha256(f"tokens-v{CACHE_VERSION}-{skip_bad_lines}-{file_digest(paths, tokenizer)}".encode())
     base = cache_dir / key.hexdigest()[:24]
-    meta_path = base.with_suffix(".json")
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return TokenFile(
-            np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"),
-            np.load(base.with_suffix(".idx.npy")),
-            base,
-            True,
-            meta["skipped"],
+    with cache_lock(base):  # one builder per cache: processes beside it wait, then reuse it
+        meta_path = base.with_suffix(".json")
+        dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            return TokenFile(
+                np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"),
+                np.load(base.with_suffix(".idx.npy")),
+                base,
+                True,
+                meta["skipped"],
+            )
+
+        stats = ReadStats()
+        pieces, lengths = [], []
+        batch: list[str] = []
+
+        def flush() -> None:
+            for ids in tokenizer.encode_batch(batch):
+                pieces.append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype))
+                lengths.append(len(ids) + 2)
+            batch.clear()
+
+        for text in iter_pretrain_texts(paths, stats, skip_bad_lines):
+            batch.append(text)
+            if len(batch) == BATCH_DOCS:
+                flush()
+        flush()
+        tokens = np.concatenate(pieces)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        atomic_write(base.with_suffix(".bin"), lambda tmp: tokens.tofile(tmp))
+        atomic_write(base.with_suffix(".idx.npy"), lambda tmp: save_npy(tmp, offsets))
+        # The metadata file is written last: its presence means the cache is complete.
+        atomic_write_text(
+            meta_path,
+            json.dumps(
+                {
+                    "files": [str(p) for p in paths],
+                    "documents": len(lengths),
+                    "tokens": int(offsets[-1]),
+                    "skipped": stats.skipped,
+                }
+            ),
         )
-
-    stats = ReadStats()
-    pieces, lengths = [], []
-    batch: list[str] = []
-
-    def flush() -> None:
-        for ids in tokenizer.encode_batch(batch):
-            pieces.append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype))
-            lengths.append(len(ids) + 2)
-        batch.clear()
-
-    for text in iter_pretrain_texts(paths, stats, skip_bad_lines):
-        batch.append(text)
-        if len(batch) == BATCH_DOCS:
-            flush()
-    flush()
-    tokens = np.concatenate(pieces)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    atomic_write(base.with_suffix(".bin"), lambda tmp: tokens.tofile(tmp))
-    atomic_write(base.with_suffix(".idx.npy"), lambda tmp: save_npy(tmp, offsets))
-    # The metadata file is written last: its presence means the cache is complete.
-    atomic_write_text(
-        meta_path,
-        json.dumps(
-            {
-                "files": [str(p) for p in paths],
-                "documents": len(lengths),
-                "tokens": int(offsets[-1]),
-                "skipped": stats.skipped,
-            }
-        ),
-    )
-    return TokenFile(np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"), offsets, base, False, stats.skipped)
+        return TokenFile(
+            np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"), offsets, base, False, stats.skipped
+        )
