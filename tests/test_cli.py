@@ -138,7 +138,7 @@ def test_hardware_the_machine_lacks_is_a_one_line_error(cli_run, tmp_path, monke
     each, saying what to do, before any training starts."""
     import torch
 
-    from minimind import engine
+    from minimind import hardware
     from minimind.config import TrainConfig
     from minimind.errors import ConfigError
 
@@ -154,10 +154,10 @@ def test_hardware_the_machine_lacks_is_a_one_line_error(cli_run, tmp_path, monke
         )
     proc = minimind(*argv, "--device", "warp9", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("ConfigError: --device 'warp9': not a device"), proc.stderr
-    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)  # an AVX2-only CPU
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)  # an AVX2-only CPU
     with pytest.raises(ConfigError, match="--dtype bfloat16: this cpu has no bf16 hardware .* use --dtype float32"):
-        engine.precision(TrainConfig(out="x", dtype="bfloat16"), torch.device("cpu"))
-    assert engine.precision(TrainConfig(out="x"), torch.device("cpu")) == torch.float32  # auto: fp32 on CPUs
-    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+        hardware.precision(TrainConfig(out="x", dtype="bfloat16"), torch.device("cpu"))
+    assert hardware.precision(TrainConfig(out="x"), torch.device("cpu")) == torch.float32  # auto: fp32 on CPUs
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="--compile on CPU needs a C\\+\\+ compiler"):
-        engine.check_compile(torch.device("cpu"))
+        hardware.check_compile(torch.device("cpu"))
