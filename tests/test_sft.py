@@ -101,10 +101,10 @@ def test_packed_and_padded_rows_give_the_same_loss(tokenizer, tmp_path):
     assert n_a == n_b == int(sum(data.conversation(i)[1][1:].sum() for i in range(len(data))))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
     # Every conversation lands in exactly one packed row, each as its own segment.
-    placed = sorted(c for row in packed.rows for c in row)
+    placed = sorted(int(c) for r in range(len(packed)) for c in packed.row(r))
     assert placed == list(range(len(data)))
     batch = packed.batch(np.arange(1))
-    assert (batch.labels[batch.segment_ids == len(packed.rows[0])] == IGNORE).all()  # padding learns nothing
+    assert (batch.labels[batch.segment_ids == len(packed.row(0))] == IGNORE).all()  # padding learns nothing
 
 
 @pytest.mark.parametrize(

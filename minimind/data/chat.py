@@ -19,8 +19,7 @@ first reply does not fit is dropped. Both are counted and reported.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from minimind.checkpoint import atomic_write, atomic_write_text
+from minimind.data.cache import Columns, Meter, Skipped, cached, pipelined, progress
 from minimind.data.packing import IGNORE, Batch
 from minimind.data.readers import iter_jsonl
-from minimind.data.tokens import cache_lock, default_cache_dir, file_digest, save_npy
+from minimind.data.tokens import batched, offsets_of, token_dtype
 from minimind.errors import DataError
 from minimind.tokenizer import BOS, EOS, PAD, Tokenizer
 
 ROLES = ("system", "user", "assistant")
-CHAT_CACHE_VERSION = 2
+CHAT_CACHE_VERSION = 3
 BATCH = 1024
 
 
@@ -88,6 +87,89 @@ def render(messages: list[dict]) -> str:
     return "\n".join(f"{BOS}{m['role']}\n{m['content']}{EOS}" for m in messages)
 
 
+def message_texts(conversations: list[list[dict]]) -> list[str]:
+    """Every message's content, in order: what the tokenizer encodes for `assemble`."""
+    return [m["content"] for c in conversations for m in c]
+
+
+@dataclass
+class Assembled:
+    """A batch of conversations as flat arrays: the kept ones' ids and trained flags end to end."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+    lengths: np.ndarray  # int64 per kept conversation
+    kept: np.ndarray  # bool per conversation: False when not even its first reply fits
+    cut: np.ndarray  # bool per conversation: lost later turns
+
+    def items(self) -> list[tuple[np.ndarray, np.ndarray, bool] | None]:
+        """Per conversation (ids, trained, was cut), or None when dropped."""
+        ends = np.cumsum(self.lengths)
+        ids, trained = np.split(self.ids, ends[:-1]), np.split(self.trained, ends[:-1])
+        pieces = iter(zip(ids, trained))
+        return [(*next(pieces), bool(c)) if k else None for k, c in zip(self.kept, self.cut)]
+
+
+def assemble(
+    tokenizer: Tokenizer,
+    conversations: list[list[dict]],
+    bodies: list[list[int]],
+    max_len: int | None = None,
+    dtype: type = np.int64,
+) -> Assembled:
+    """The batch's ChatML ids and trained flags from its messages' encoded contents (`bodies`, in
+    `message_texts` order), each conversation cut to at most `max_len` ids at a reply's end.
+
+    Message j is [newline if j > 0] + `<|im_start|>role\n` + body + `<|im_end|>`, trained on its
+    body and `<|im_end|>` when the role is assistant. Only the per-message bookkeeping (which
+    messages are kept) is a Python loop; ids and flags are laid out with whole-array operations.
+    """
+    newline = tokenizer.encode("\n")
+    # Head variants: ROLES[v] for a first message (v < 3), ROLES[v - 3] after a newline (v >= 3).
+    heads = [np.asarray(nl + tokenizer.encode(f"{BOS}{r}\n")) for nl in ([], newline) for r in ROLES]
+    head_len = [len(h) for h in heads]
+    body_len = np.fromiter(map(len, bodies), dtype=np.int64, count=len(bodies))
+    keep_msg = np.zeros(len(bodies), dtype=bool)
+    variant, assistant, kept, cut = [], [], [], []
+    m = 0
+    for conversation in conversations:
+        total, j_fit = 0, -1  # j_fit: the last assistant message that ends within max_len
+        for j, msg in enumerate(conversation):
+            v = ROLES.index(msg["role"]) + (3 if j else 0)
+            total += head_len[v] + int(body_len[m + j]) + 1
+            if msg["role"] == "assistant" and (max_len is None or total <= max_len):
+                j_fit = j
+        was_cut = max_len is not None and total > max_len
+        keep = j_fit + 1 if was_cut else len(conversation)
+        kept.append(keep > 0)
+        cut.append(was_cut and keep > 0)
+        keep_msg[m : m + keep] = True
+        for msg, j in zip(conversation[:keep], range(keep)):
+            variant.append(ROLES.index(msg["role"]) + (3 if j else 0))
+            assistant.append(msg["role"] == "assistant")
+        m += len(conversation)
+    variant_a = np.asarray(variant, dtype=np.int64)
+    hl = np.asarray(head_len, dtype=np.int64)[variant_a] if len(variant) else np.zeros(0, dtype=np.int64)
+    bl = body_len[keep_msg] + 1  # the body and its <|im_end|>
+    seg = np.stack([hl, bl], axis=1).ravel()
+    flags = np.stack([np.zeros(len(bl), dtype=bool), np.asarray(assistant, dtype=bool)], axis=1).ravel()
+    trained = np.repeat(flags, seg)
+    ids = np.empty(len(trained), dtype=dtype)
+    starts = np.cumsum(hl + bl) - hl - bl
+    for v, head in enumerate(heads):
+        at = starts[variant_a == v]
+        ids[at[:, None] + np.arange(len(head))] = head
+    flat = np.fromiter(itertools.chain.from_iterable(bodies), dtype=dtype, count=int(body_len.sum()))
+    kept_bodies = flat[np.repeat(keep_msg, body_len)]
+    in_body = np.repeat(np.tile(np.array([False, True]), len(bl)), seg)
+    ids[in_body] = np.insert(kept_bodies, np.cumsum(bl - 1), tokenizer.eos_id)
+    # Per kept conversation: the sum of its kept messages' lengths.
+    conv_of_msg = np.repeat(np.arange(len(conversations)), [len(c) for c in conversations])[keep_msg]
+    lengths = np.bincount(conv_of_msg, weights=hl + bl, minlength=len(conversations)).astype(np.int64)
+    kept_a = np.asarray(kept, dtype=bool)
+    return Assembled(ids, trained, lengths[kept_a], kept_a, np.asarray(cut, dtype=bool))
+
+
 def encode_conversations(
     tokenizer: Tokenizer, conversations: list[list[dict]], max_len: int | None = None
 ) -> list[tuple[np.ndarray, np.ndarray, bool] | None]:
@@ -99,37 +181,17 @@ def encode_conversations(
     the mask is exact by construction, and a reply is tokenized exactly as it is generated after
     `<|im_start|>assistant\n`. Contents go through the Rust tokenizer in one parallel batch.
     """
-    heads = {role: tokenizer.encode(f"{BOS}{role}\n") for role in ROLES}
-    newline = tokenizer.encode("\n")
-    bodies = iter(tokenizer.encode_batch([m["content"] for c in conversations for m in c]))
-    out: list[tuple[np.ndarray, np.ndarray, bool] | None] = []
-    for conversation in conversations:
-        ids: list[int] = []
-        trained: list[bool] = []
-        ends = []  # length of ids just past each assistant reply's <|im_end|>
-        for j, m in enumerate(conversation):
-            head = (newline if j else []) + heads[m["role"]]
-            body = next(bodies) + [tokenizer.eos_id]
-            ids += head + body
-            trained += [False] * len(head) + [m["role"] == "assistant"] * len(body)
-            if m["role"] == "assistant":
-                ends.append(len(ids))
-        cut = max_len is not None and len(ids) > max_len
-        if cut:
-            fitting = [e for e in ends if e <= max_len]  # type: ignore[operator]
-            if not fitting:
-                out.append(None)
-                continue
-            ids, trained = ids[: fitting[-1]], trained[: fitting[-1]]
-        out.append((np.asarray(ids, dtype=np.int64), np.asarray(trained, dtype=bool), cut))
-    return out
+    bodies = tokenizer.encode_batch(message_texts(conversations))
+    return assemble(tokenizer, conversations, bodies, max_len).items()
 
 
-def iter_conversations(paths: list[str | Path], skipped: list[str] | None = None) -> Iterator[list[dict]]:
+def iter_conversations(
+    paths: list[str | Path], skipped: list[str] | None = None, meter: Meter | None = None
+) -> Iterator[list[dict]]:
     """Validated conversations of SFT-format JSONL files; bad lines raise, or are counted in `skipped`."""
     for path in paths:
         count = 0
-        for lineno, obj in iter_jsonl(path, skipped):
+        for lineno, obj in iter_jsonl(path, skipped, meter):
             where = f"{path}:{lineno}"
             try:
                 if "conversations" not in obj:
@@ -155,7 +217,7 @@ class ChatTokens:
     offsets: np.ndarray  # int64, conversations + 1
     truncated: int = 0  # conversations that lost later turns
     dropped: int = 0  # conversations whose first reply did not fit
-    skipped: list[str] = field(default_factory=list)
+    skipped: Skipped = field(default_factory=Skipped)
     reused: bool = False
 
     def __len__(self) -> int:
@@ -172,7 +234,7 @@ class ChatTokens:
         if self.dropped:
             parts.append(f"{self.dropped:,} dropped (first reply longer than the row)")
         if self.skipped:
-            parts.append(f"{len(self.skipped):,} bad lines skipped")
+            parts.append(f"{self.skipped.count:,} bad lines skipped")
         return ", ".join(parts)
 
 
@@ -183,78 +245,73 @@ def tokenize_conversations(
     cache_dir: str | Path | None = None,
     skip_bad_lines: bool = False,
 ) -> ChatTokens:
-    """Tokenize SFT files once (cached like pretraining tokens, keyed also by max_seq_len)."""
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: no such file")
-    key = f"chat-v{CHAT_CACHE_VERSION}-{max_seq_len}-{skip_bad_lines}-{file_digest(paths, tokenizer)}"
-    h = hashlib.sha256(key.encode())
-    base = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"chat-{h.hexdigest()[:24]}"
-    with cache_lock(base):  # one builder per cache (see minimind.data.tokens.cache_lock)
-        meta_path = base.with_suffix(".json")
-        dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            return ChatTokens(
-                np.memmap(base.with_suffix(".bin"), dtype=dtype, mode="r"),
-                np.memmap(base.with_suffix(".mask"), dtype=bool, mode="r"),
-                np.load(base.with_suffix(".idx.npy")),
-                meta["truncated"],
-                meta["dropped"],
-                meta["skipped"],
-                reused=True,
-            )
-        skipped: list[str] = []
-        ids_parts, mask_parts, lengths = [], [], []
-        truncated = dropped = 0
-        batch: list[list[dict]] = []
+    """Tokenize SFT files once (cached like pretraining tokens, keyed also by max_seq_len), streaming:
+    memory stays flat in the file's size (see minimind.data.cache)."""
+    dtype = token_dtype(tokenizer)
 
-        def flush() -> None:
-            nonlocal truncated, dropped
-            for item in encode_conversations(tokenizer, batch, max_seq_len + 1):
-                if item is None:
-                    dropped += 1
-                    continue
-                ids, trained, was_cut = item
-                truncated += was_cut
-                ids_parts.append(ids.astype(dtype))
-                mask_parts.append(trained)
-                lengths.append(len(ids))
-            batch.clear()
-
-        for messages in iter_conversations(paths, skipped if skip_bad_lines else None):
-            batch.append(messages)
-            if len(batch) == BATCH:
-                flush()
-        flush()
-        if not lengths:
+    def build(columns: Columns, meter: Meter, bar: Any) -> dict[str, Any]:
+        skipped = Skipped()
+        counts = {"records": 0, "truncated": 0, "dropped": 0}
+        batches = batched(iter_conversations(paths, skipped if skip_bad_lines else None, meter), BATCH)
+        for batch, bodies in pipelined(batches, lambda b: tokenizer.encode_batch(message_texts(b))):
+            out = assemble(tokenizer, batch, bodies, max_seq_len + 1, dtype)
+            counts["dropped"] += int((~out.kept).sum())
+            counts["truncated"] += int(out.cut.sum())
+            counts["records"] += len(out.lengths)
+            columns.write(**{".bin": out.ids, ".mask": out.trained})
+            columns.add_records(lengths=out.lengths)
+            bar.update(meter.bytes - bar.n)
+            done = f"{counts['records']:,} conversations, {columns.count / 1e6:.1f}M tokens"
+            bar.set_postfix_str(done, refresh=False)
+        if not counts["records"]:
             raise DataError(f"{paths[0]}: no conversation fits in max_seq_len {max_seq_len}")
-        tokens, trained = np.concatenate(ids_parts), np.concatenate(mask_parts)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        atomic_write(base.with_suffix(".bin"), lambda tmp: tokens.tofile(tmp))
-        atomic_write(base.with_suffix(".mask"), lambda tmp: trained.tofile(tmp))
-        atomic_write(base.with_suffix(".idx.npy"), lambda tmp: save_npy(tmp, offsets))
-        meta = {"files": [str(p) for p in paths], "truncated": truncated, "dropped": dropped, "skipped": skipped}
-        atomic_write_text(meta_path, json.dumps(meta))  # last: its presence means the cache is complete
-        return ChatTokens(tokens, trained, offsets, truncated, dropped, skipped)
+        return {"arrays": {".idx.npy": offsets_of(columns.record("lengths"))}, "skipped": skipped, **counts}
+
+    params = {"version": CHAT_CACHE_VERSION, "max_seq_len": max_seq_len, "skip_bad_lines": skip_bad_lines}
+    entry = cached("chat", params, paths, tokenizer, {".bin": dtype, ".mask": bool}, build, cache_dir)
+    meta = entry.meta
+    return ChatTokens(
+        entry.memmap(".bin", dtype),
+        entry.memmap(".mask", bool),
+        entry.load(".idx.npy"),
+        meta["truncated"],
+        meta["dropped"],
+        entry.skipped,
+        reused=entry.reused,
+    )
 
 
-def pack(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: each item goes into the fullest row that still has room for it."""
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (room left, row index)
-    for i in np.argsort(-lengths, kind="stable"):
-        n = int(lengths[i])
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):
-            rows.append([int(i)])
-            bisect.insort(free, (capacity - n, len(rows) - 1))
-        else:
-            room, r = free.pop(k)
-            rows[r].append(int(i))
-            bisect.insort(free, (room - n, r))
-    return rows
+PACK_WINDOW = 1 << 16  # conversations packed together (best-fit within each window)
+
+
+def pack(
+    lengths: np.ndarray, capacity: int, window: int = PACK_WINDOW, bar: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing within windows of `window` items (in file order): each item goes into the
+    fullest row of its window that still has room for it. Returns (starts, items): row r holds items
+    items[starts[r]:starts[r + 1]]. Windows keep the search short and the memory flat on millions of
+    conversations; with ~65k conversations per window the rows come out as full as over the whole file."""
+    starts, items = [0], []
+    for w in range(0, len(lengths), window):
+        part = lengths[w : w + window]
+        rows: list[list[int]] = []
+        free: list[tuple[int, int]] = []  # sorted (room left, row index)
+        for i in np.argsort(-part, kind="stable"):
+            n = int(part[i])
+            k = bisect.bisect_left(free, (n, -1))
+            if k == len(free):
+                rows.append([w + int(i)])
+                bisect.insort(free, (capacity - n, len(rows) - 1))
+            else:
+                room, r = free.pop(k)
+                rows[r].append(w + int(i))
+                bisect.insort(free, (room - n, r))
+        for row in rows:
+            items += row
+            starts.append(len(items))
+        if bar is not None:
+            bar.update(len(part))
+    return np.asarray(starts, dtype=np.int64), np.asarray(items, dtype=np.int64)
 
 
 class ChatRows:
@@ -269,16 +326,24 @@ class ChatRows:
     def __init__(self, data: ChatTokens, seq_len: int, packed: bool = True, pad_id: int = 0):
         self.data, self.seq_len, self.pad_id = data, seq_len, pad_id
         lengths = np.diff(data.offsets) - 1
-        self.rows = pack(lengths, seq_len) if packed else [[i] for i in range(len(data))]
+        if packed:
+            with progress(len(lengths), "packing", unit=" conversations") as bar:
+                self.starts, self.items = pack(lengths, seq_len, bar=bar)
+        else:
+            self.starts, self.items = np.arange(len(data) + 1), np.arange(len(data))
         self.useful = int(lengths.sum())
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.starts) - 1
+
+    def row(self, r: int) -> np.ndarray:
+        """The conversations of row r, in the order they sit in it."""
+        return self.items[self.starts[r] : self.starts[r + 1]]
 
     @property
     def fill(self) -> float:
         """Share of row positions that hold conversation tokens (1.0 = no padding)."""
-        return self.useful / (len(self.rows) * self.seq_len)
+        return self.useful / (len(self) * self.seq_len)
 
     def batch(self, rows: np.ndarray) -> Batch:
         B, T = len(rows), self.seq_len
@@ -287,14 +352,15 @@ class ChatRows:
         segments = np.zeros((B, T), dtype=np.int64)
         for b, r in enumerate(rows):
             at = 0
-            for s, c in enumerate(self.rows[int(r)]):
+            row = self.row(int(r))
+            for s, c in enumerate(row):
                 ids, trained = self.data.conversation(c)
                 n = len(ids) - 1
                 inputs[b, at : at + n] = ids[:-1]
                 labels[b, at : at + n] = np.where(trained[1:], ids[1:], IGNORE)
                 segments[b, at : at + n] = s
                 at += n
-            segments[b, at:] = len(self.rows[int(r)])
+            segments[b, at:] = len(row)
         return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(segments))
 
 

@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from minimind.data.chat import check_messages, encode_conversations
+from minimind.data.cache import Columns, Meter, Skipped, cached, pipelined
+from minimind.data.chat import assemble, check_messages, message_texts
 from minimind.data.packing import IGNORE, Batch
 from minimind.data.readers import iter_jsonl
+from minimind.data.tokens import batched, offsets_of, token_dtype
 from minimind.errors import DataError
 from minimind.tokenizer import Tokenizer
 
@@ -66,11 +68,13 @@ def check_pair(obj: dict[str, Any], where: str) -> tuple[list[dict], list[dict]]
     return chosen, rejected
 
 
-def iter_pairs(paths: list[str | Path], skipped: list[str] | None = None) -> Iterator[tuple[list[dict], list[dict]]]:
+def iter_pairs(
+    paths: list[str | Path], skipped: list[str] | None = None, meter: Meter | None = None
+) -> Iterator[tuple[list[dict], list[dict]]]:
     """Validated (chosen, rejected) conversations; bad lines raise, or are counted in `skipped`."""
     for path in paths:
         count = 0
-        for lineno, obj in iter_jsonl(path, skipped):
+        for lineno, obj in iter_jsonl(path, skipped, meter):
             try:
                 pair = check_pair(obj, f"{path}:{lineno}")
             except DataError as e:
@@ -93,7 +97,7 @@ class PreferenceData:
     reply_start: np.ndarray  # int64 per sequence: index of the final reply's first id (after its header)
     truncated: int = 0  # pairs whose replies were cut at the row's end
     dropped: int = 0  # pairs that did not fit
-    skipped: list[str] = field(default_factory=list)
+    skipped: Skipped = field(default_factory=Skipped)
 
     def __len__(self) -> int:
         return len(self.reply_start) // 2
@@ -109,18 +113,25 @@ class PreferenceData:
             parts.append(f"{self.truncated:,} with replies cut at the row's end")
         if self.dropped:
             parts.append(f"{self.dropped:,} dropped (longer than the row)")
-        if self.skipped:
-            parts.append(f"{len(self.skipped):,} bad lines skipped")
+        if self.skipped.count:
+            parts.append(f"{self.skipped.count:,} bad lines skipped")
         return ", ".join(parts)
 
 
 def encode_pairs(
-    tokenizer: Tokenizer, pairs: list[tuple[list[dict], list[dict]]], max_len: int, cut_replies: bool
+    tokenizer: Tokenizer,
+    pairs: list[tuple[list[dict], list[dict]]],
+    max_len: int,
+    cut_replies: bool,
+    bodies: list[list[int]] | None = None,
 ) -> list[tuple[np.ndarray, int, np.ndarray, int, bool] | None]:
     """Per pair (chosen ids, reply start, rejected ids, reply start, was cut), or None when it does not
     fit in `max_len` ids: with `cut_replies`, when the prompt leaves no room for a reply id; else
-    when either conversation is longer."""
-    encoded = encode_conversations(tokenizer, [side for pair in pairs for side in pair])
+    when either conversation is longer. `bodies`: the sides' messages already encoded, if they are."""
+    sides = [side for pair in pairs for side in pair]
+    if bodies is None:
+        bodies = tokenizer.encode_batch(message_texts(sides))
+    encoded = assemble(tokenizer, sides, bodies).items()
     out: list[tuple[np.ndarray, int, np.ndarray, int, bool] | None] = []
     for k in range(0, len(encoded), 2):
         sides = []
@@ -137,42 +148,51 @@ def encode_pairs(
 
 
 def read_preferences(
-    paths: list[str | Path], tokenizer: Tokenizer, max_len: int, cut_replies: bool = True, skip_bad_lines: bool = False
+    paths: list[str | Path],
+    tokenizer: Tokenizer,
+    max_len: int,
+    cut_replies: bool = True,
+    skip_bad_lines: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> PreferenceData:
-    """Every pair of the files, tokenized; sequences of at most `max_len` ids (see encode_pairs)."""
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: no such file")
-    skipped: list[str] = []
-    parts: list[np.ndarray] = []
-    starts: list[int] = []
-    truncated = dropped = 0
-    batch: list[tuple[list[dict], list[dict]]] = []
+    """Every pair of the files, tokenized once into a cache (streamed, see minimind.data.cache);
+    sequences of at most `max_len` ids (see encode_pairs)."""
+    dtype = token_dtype(tokenizer)
 
-    def flush() -> None:
-        nonlocal truncated, dropped
-        for item in encode_pairs(tokenizer, batch, max_len, cut_replies):
-            if item is None:
-                dropped += 1
-                continue
-            c, cs, r, rs, cut = item
-            truncated += cut
-            parts.extend((c, r))
-            starts.extend((cs, rs))
-        batch.clear()
+    def build(columns: Columns, meter: Meter, bar: Any) -> dict[str, Any]:
+        skipped = Skipped()
+        counts = {"records": 0, "truncated": 0, "dropped": 0}
+        batches = batched(iter_pairs(paths, skipped if skip_bad_lines else None, meter), BATCH)
+        texts = lambda batch: tokenizer.encode_batch(message_texts([side for pair in batch for side in pair]))
+        for batch, bodies in pipelined(batches, texts):
+            kept = [item for item in encode_pairs(tokenizer, batch, max_len, cut_replies, bodies) if item is not None]
+            counts["dropped"] += len(batch) - len(kept)
+            counts["truncated"] += sum(item[4] for item in kept)
+            counts["records"] += len(kept)
+            if kept:
+                seqs = [seq for c, _, r, _, _ in kept for seq in (c, r)]
+                columns.write(**{".bin": np.concatenate(seqs)})
+                columns.add_records(
+                    lengths=[len(q) for q in seqs], starts=[x for _, cs, _, rs, _ in kept for x in (cs, rs)]
+                )
+            bar.update(meter.bytes - bar.n)
+            bar.set_postfix_str(f"{counts['records']:,} pairs, {columns.count / 1e6:.1f}M tokens", refresh=False)
+        if not counts["records"]:
+            raise DataError(f"{paths[0]}: no preference pair fits in {max_len} tokens (raise --max-seq-len)")
+        arrays = {".idx.npy": offsets_of(columns.record("lengths")), ".start.npy": columns.record("starts")}
+        return {"arrays": arrays, "skipped": skipped, **counts}
 
-    for pair in iter_pairs(paths, skipped if skip_bad_lines else None):
-        batch.append(pair)
-        if len(batch) == BATCH:
-            flush()
-    flush()
-    if not parts:
-        raise DataError(f"{paths[0]}: no preference pair fits in {max_len} tokens (raise --max-seq-len)")
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([len(p) for p in parts], out=offsets[1:])
-    tokens = np.concatenate(parts).astype(dtype)
-    return PreferenceData(tokens, offsets, np.asarray(starts, dtype=np.int64), truncated, dropped, skipped)
+    params = {"version": 1, "max_len": max_len, "cut_replies": cut_replies, "skip_bad_lines": skip_bad_lines}
+    entry = cached("pairs", params, paths, tokenizer, {".bin": dtype}, build, cache_dir)
+    meta = entry.meta
+    return PreferenceData(
+        entry.memmap(".bin", dtype),
+        entry.load(".idx.npy"),
+        entry.load(".start.npy"),
+        meta["truncated"],
+        meta["dropped"],
+        entry.skipped,
+    )
 
 
 @dataclass

@@ -10,18 +10,26 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minimind.errors import DataError
 
+if TYPE_CHECKING:
+    from minimind.data.cache import Meter
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its line ending) for each non-blank line of a UTF-8 file."""
+
+def iter_lines(path: str | Path, meter: Meter | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line ending) for each non-blank line of a UTF-8 file; every
+    byte read is passed to `meter` (progress and the full content hash) when one is given."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    if meter is not None:
+        meter.start_file(path)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if meter is not None:
+                meter.read(raw)
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
@@ -33,11 +41,13 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
-def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(
+    path: str | Path, skipped: list[str] | None = None, meter: Meter | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each line. A line that is not a JSON object is a DataError, or,
     when a `skipped` list is given, its message is appended there and reading goes on."""
     empty = True
-    for lineno, line in iter_lines(path):
+    for lineno, line in iter_lines(path, meter):
         empty = False
         try:
             obj = json.loads(line)

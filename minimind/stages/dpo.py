@@ -203,9 +203,7 @@ def describe(m: dict) -> str:
 
 def pair_rows(paths: list[str], tok: Tokenizer, cfg: TrainConfig, shifted: bool, name: str = "data") -> PairRows:
     """Rows of the pairs in `paths`, after printing what was read (DPO cuts replies, RM drops)."""
-    data = read_preferences(
-        paths, tok, cfg.max_seq_len + shifted, cut_replies=shifted, skip_bad_lines=cfg.skip_bad_lines
-    )
+    data = read_preferences(paths, tok, cfg.max_seq_len + shifted, shifted, cfg.skip_bad_lines, cfg.cache_dir or None)
     print(f"{name}: {data.report()}")
     for message in data.skipped[:5]:
         print(f"  skipped {message}", file=sys.stderr)

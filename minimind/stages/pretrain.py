@@ -66,7 +66,7 @@ def main(args: Any) -> None:
     for message in tokens.skipped[:5]:
         print(f"  skipped {message}", file=sys.stderr)
     if tokens.skipped:
-        print(f"  skipped {len(tokens.skipped)} bad lines in all (--skip-bad-lines)", file=sys.stderr)
+        print(f"  skipped {tokens.skipped.count:,} bad lines in all (--skip-bad-lines)", file=sys.stderr)
     rows = PackedRows(tokens.tokens, tokens.offsets, cfg.max_seq_len, cfg.doc_mask)
     info = {
         "stage": "pretrain",
