@@ -291,7 +291,7 @@ def pack(
     fullest row of its window that still has room for it. Returns (starts, items): row r holds items
     items[starts[r]:starts[r + 1]]. Windows keep the search short and the memory flat on millions of
     conversations; with ~65k conversations per window the rows come out as full as over the whole file."""
-    starts, items = [0], []
+    sizes, items = [], []  # per window: each row's item count, the items row after row
     for w in range(0, len(lengths), window):
         part = lengths[w : w + window]
         rows: list[list[int]] = []
@@ -306,12 +306,13 @@ def pack(
                 room, r = free.pop(k)
                 rows[r].append(w + int(i))
                 bisect.insort(free, (room - n, r))
-        for row in rows:
-            items += row
-            starts.append(len(items))
+        sizes.append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+        items.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=len(part)))
         if bar is not None:
             bar.update(len(part))
-    return np.asarray(starts, dtype=np.int64), np.asarray(items, dtype=np.int64)
+    if not items:
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return offsets_of(np.concatenate(sizes)), np.concatenate(items)
 
 
 class ChatRows:
