@@ -243,7 +243,7 @@ def measured(cmd: list[str], log: Path) -> dict:
 
 
 TOKENIZED = re.compile(
-    r"tokenized ([\d,]+) records, ([\d,]+) tokens in ([\d.]+) s \(([\d.]+)M tokens/s, ([\d.]+) MB/s\)"
+    r"tokenized ([\d,]+) records, ([\d,]+) tokens in ([\d.]+) s \(([\d.]+)M tokens/s, ([\d.]+) MiB/s\)"
 )
 
 

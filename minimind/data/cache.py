@@ -316,8 +316,8 @@ def cached(
             return entry
         remove_dead_partials(base)
         total = sum(f["size"] for f in files)
-        gb = total / 2**30
-        print(f"tokenizing {len(paths)} file(s), {gb:.2f} GB, into {cache_dir} (once; later runs reuse it)", flush=True)
+        size = f"{len(paths)} file(s), {total / 2**30:.2f} GiB"
+        print(f"tokenizing {size}, into {cache_dir} (once; later runs reuse it)", flush=True)
         columns = Columns(base, token_columns, f"{socket.gethostname()}-{os.getpid()}")
         meter, t0 = Meter(), time.perf_counter()
         try:
@@ -340,7 +340,7 @@ def cached(
         rate = columns.count / max(dt, 1e-9)
         print(
             f"tokenized {meta.get('records', 0):,} records, {columns.count:,} tokens in {dt:.1f} s "
-            f"({rate / 1e6:.2f}M tokens/s, {total / 2**20 / max(dt, 1e-9):.1f} MB/s)",
+            f"({rate / 1e6:.2f}M tokens/s, {total / 2**20 / max(dt, 1e-9):.1f} MiB/s)",
             flush=True,
         )
         return Entry(base, meta, False, skipped)

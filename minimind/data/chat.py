@@ -36,7 +36,7 @@ from minimind.errors import DataError
 from minimind.tokenizer import BOS, EOS, PAD, Tokenizer
 
 ROLES = ("system", "user", "assistant")
-CHAT_CACHE_VERSION = 3
+CHAT_CACHE_VERSION = 4
 BATCH = 1024
 
 
@@ -219,6 +219,7 @@ class ChatTokens:
     dropped: int = 0  # conversations whose first reply did not fit
     skipped: Skipped = field(default_factory=Skipped)
     reused: bool = False
+    trained_tokens: int | None = None  # from the cache's metadata: no pass over the mask to count them
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -227,8 +228,12 @@ class ChatTokens:
         a, b = self.offsets[i], self.offsets[i + 1]
         return np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.trained[a:b])
 
+    @property
+    def num_trained(self) -> int:
+        return int(self.trained.sum()) if self.trained_tokens is None else self.trained_tokens
+
     def report(self) -> str:
-        parts = [f"{len(self):,} conversations, {int(self.offsets[-1]):,} tokens ({int(self.trained.sum()):,} trained)"]
+        parts = [f"{len(self):,} conversations, {int(self.offsets[-1]):,} tokens ({self.num_trained:,} trained)"]
         if self.truncated:
             parts.append(f"{self.truncated:,} truncated to their last whole reply")
         if self.dropped:
@@ -251,13 +256,14 @@ def tokenize_conversations(
 
     def build(columns: Columns, meter: Meter, bar: Any) -> dict[str, Any]:
         skipped = Skipped()
-        counts = {"records": 0, "truncated": 0, "dropped": 0}
+        counts = {"records": 0, "truncated": 0, "dropped": 0, "trained": 0}
         batches = batched(iter_conversations(paths, skipped if skip_bad_lines else None, meter), BATCH)
         for batch, bodies in pipelined(batches, lambda b: tokenizer.encode_batch(message_texts(b))):
             out = assemble(tokenizer, batch, bodies, max_seq_len + 1, dtype)
             counts["dropped"] += int((~out.kept).sum())
             counts["truncated"] += int(out.cut.sum())
             counts["records"] += len(out.lengths)
+            counts["trained"] += int(out.trained.sum())
             columns.write(**{".bin": out.ids, ".mask": out.trained})
             columns.add_records(lengths=out.lengths)
             bar.update(meter.bytes - bar.n)
@@ -278,6 +284,7 @@ def tokenize_conversations(
         meta["dropped"],
         entry.skipped,
         reused=entry.reused,
+        trained_tokens=meta["trained"],
     )
 
 
