@@ -133,6 +133,12 @@ def test_touched_or_copied_file_is_found_by_content(tokenizer, tmp_path):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     changed = tokenize_files([path], tokenizer, tmp_path / "c")
     assert not changed.reused and not np.array_equal(changed.tokens, first.tokens)
+    # The cache the copy's key points to is deleted: the copy is tokenized again, not an error.
+    expected = np.array(first.tokens)
+    for f in (tmp_path / "c").glob(first.path.name + ".*"):
+        f.unlink()
+    rebuilt = tokenize_files([copied], tokenizer, tmp_path / "c")
+    assert not rebuilt.reused and np.array_equal(rebuilt.tokens, expected)
 
 
 def test_quick_key_samples_big_files_and_sees_a_change_in_a_sample(tmp_path, monkeypatch):

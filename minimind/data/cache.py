@@ -294,6 +294,8 @@ def cached(
         meta = json.loads(meta_path.read_text())
         target = cache_dir / meta["alias"] if "alias" in meta else base
         if "alias" in meta:
+            if not target.with_suffix(".json").is_file():  # the cache it pointed to was deleted
+                return None
             meta = json.loads(target.with_suffix(".json").read_text())
         return Entry(target, meta, True, Skipped(meta.get("skipped", []), meta.get("skipped_count")))
 

@@ -116,13 +116,16 @@ class Remote:
 
 
 def file_hashes(path: Path) -> tuple[str, str]:
-    """(sha256, git blob sha1) of a file in one read."""
+    """(sha256, git blob sha1) of a file in one read (a progress bar on a terminal: 14 GB take a while)."""
+    from minimind.data.cache import progress
+
     size = path.stat().st_size
     sha256, sha1 = hashlib.sha256(), hashlib.sha1(f"blob {size}\0".encode())
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, progress(size, f"checking {path.name}") as bar:
         while block := f.read(CHUNK):
             sha256.update(block)
             sha1.update(block)
+            bar.update(len(block))
     return sha256.hexdigest(), sha1.hexdigest()
 
 
