@@ -233,12 +233,16 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
         self.engine = choose(cfg, self.device, self.world, self.dtype, self.distributed)
-        if source is not None and self.engine.name == "fsdp":
-            raise ConfigError("--fsdp is not available for the RL stages yet: run them with DDP (drop --fsdp)")
         if resume is not None:
             self.load_weights(resume)
-        # FSDP: rank 0 keeps a plain copy to write consolidated checkpoints with the stage's own writer.
-        self.replica = replica(self.model) if self.engine.name == "fsdp" and self.rank == 0 else None
+        # FSDP: a plain copy of the model, loaded with the gathered weights when whole weights are needed:
+        # on rank 0 (CPU) to write consolidated checkpoints with the stage's own writer; on every rank
+        # (on the device) for RL, where each process samples its rollouts alone (a sharded model would
+        # need every process in every forward pass, and generations end at different lengths).
+        sampling = source is not None
+        self.replica = None
+        if self.engine.name == "fsdp" and (self.rank == 0 or sampling):
+            self.replica = replica(self.model, self.device if sampling else torch.device("cpu"))
         # Wrap (DDP) or shard (FSDP) before the optimizer sees the parameters, then compile: the
         # compiled graph is split at DDP's gradient buckets, so each all-reduce overlaps the backward.
         self.wrapped = self.engine.wrap(self.model)
@@ -575,6 +579,15 @@ class Trainer:
                 f"resuming a run of {saved_world} process(es) on {self.world}: --batch-size {c.batch_size} "
                 f"--accumulation {c.accumulation} keep the global batch of {total}"
             )
+
+    def sampling_model(self) -> nn.Module:
+        """The model to generate with, whole on this process: the model itself, or under FSDP the replica
+        loaded with the current weights (one all-gather per call: call it once per rollout)."""
+        if self.engine.name != "fsdp":
+            return self.model
+        assert self.replica is not None
+        self.replica.load_state_dict(self.engine.full_weights(self.model))
+        return self.replica
 
     @contextlib.contextmanager
     def consolidated(self, weights: dict[str, torch.Tensor] | None) -> Any:

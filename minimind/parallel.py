@@ -129,6 +129,11 @@ class FSDP(Engine):
         state = api.get_model_state_dict(model, options=options)
         return state if dist.get_rank() == 0 else None
 
+    def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole weights on every process, on the device (an all-gather of every shard)."""
+        api = state_dict_api()
+        return api.get_model_state_dict(model, options=api.StateDictOptions(full_state_dict=True))
+
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         api = state_dict_api()
         options = api.StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -161,7 +166,6 @@ def choose(cfg: TrainConfig, device: torch.device, world: int, dtype: torch.dtyp
     return DDP(device, world, dtype, distributed) if distributed else Engine(device, world, dtype, distributed)
 
 
-def replica(model: nn.Module) -> nn.Module:
-    """A plain copy of a model (before it is sharded): rank 0 loads the gathered weights into it to
-    write the consolidated checkpoint with the stage's own writer."""
-    return copy.deepcopy(model).to("cpu")
+def replica(model: nn.Module, device: torch.device) -> nn.Module:
+    """A plain copy of a model, taken before it is sharded (see Trainer.replica)."""
+    return copy.deepcopy(model).to(device)
