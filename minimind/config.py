@@ -236,7 +236,9 @@ class TrainConfig:
     skip_bad_lines: bool = False
     cache_dir: str = ""
     wandb: bool = False
+    swanlab: bool = False  # SwanLab; offline (RUN_DIR/swanlog) unless SWANLAB_MODE or SWANLAB_API_KEY say otherwise
     tensorboard: bool = False
+    fsdp: bool = False  # FSDP2 under torchrun: weights, gradients and optimizer state sharded per block
 
     def validate(self) -> None:
         if not self.out:

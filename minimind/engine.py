@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ from minimind.errors import CheckpointError, ConfigError, MiniMindError
 from minimind.hardware import check_compile, peak_flops, precision, setup_distributed
 from minimind.losses import token_cross_entropy_sum
 from minimind.model import MiniMind
+from minimind.parallel import choose, replica
 from minimind.tokenizer import Tokenizer
 
 STATE = "train_state.pt"
@@ -230,6 +232,21 @@ class Trainer:
         self.source = source(self) if source else RowBatches(rows, cfg, self.rank, self.world)
         self.total_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
+        self.engine = choose(cfg, self.device, self.world, self.dtype, self.distributed)
+        if resume is not None:
+            self.load_weights(resume)
+        # FSDP: a plain copy of the model, loaded with the gathered weights when whole weights are needed:
+        # on rank 0 (CPU) to write consolidated checkpoints with the stage's own writer; on every rank
+        # (on the device) for RL, where each process samples its rollouts alone (a sharded model would
+        # need every process in every forward pass, and generations end at different lengths).
+        sampling = source is not None
+        self.replica = None
+        if self.engine.name == "fsdp" and (self.rank == 0 or sampling):
+            self.replica = replica(self.model, self.device if sampling else torch.device("cpu"))
+        # Wrap (DDP) or shard (FSDP) before the optimizer sees the parameters, then compile: the
+        # compiled graph is split at DDP's gradient buckets, so each all-reduce overlaps the backward.
+        self.wrapped = self.engine.wrap(self.model)
+        self.train_model: nn.Module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
@@ -238,15 +255,6 @@ class Trainer:
         self.skipped = torch.zeros((), device=self.device)  # steps whose gradient norm was not finite
         if resume is not None:
             self.load_state(resume)
-        # DDP first, then compile: the compiled graph is split at DDP's gradient buckets, so each
-        # bucket's all-reduce overlaps the rest of the backward.
-        self.ddp: nn.parallel.DistributedDataParallel | None = None
-        self.train_model: nn.Module = self.model
-        if self.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
         self.trackers = self._trackers() if self.rank == 0 else []
 
     # ---- one optimizer step --------------------------------------------------------------------
@@ -278,8 +286,7 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         mixed = autocast(self.device, self.dtype)
         for i, batch in enumerate(micro):
-            sync = self.ddp is None or i == len(micro) - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with self.engine.gradient_sync(self.wrapped, on=i == len(micro) - 1):
                 with mixed:
                     loss_sum, aux, *extra = self.loss_fn(self.train_model, batch.to(self.device))
                 loss = loss_sum / denom + aux / len(micro)
@@ -288,9 +295,9 @@ class Trainer:
             for k, v in (extra[0] if extra else {}).items():
                 self.metric_sums[k] = self.metric_sums.get(k, 0) + v.detach().double()
         self.scaler.unscale_(self.optimizer)
-        # After DDP's all-reduce every process holds the same gradients, hence the same norm and the
-        # same decision below.
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        # After DDP's all-reduce every process holds the same gradients (FSDP: the norm of the shards is
+        # reduced), hence the same norm and the same decision below.
+        grad_norm = self.engine.clip(self.model, self.cfg.grad_clip or float("inf"))
         self.apply_update(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -452,6 +459,23 @@ class Trainer:
             trackers.append(
                 wandb.init(project="minimind", name=self.out.name, config=asdict(self.cfg), dir=str(self.out))
             )
+        if self.cfg.swanlab:
+            try:
+                import swanlab
+            except ImportError:
+                raise ConfigError("--swanlab needs `pip install swanlab`") from None
+            # Cloud only when asked for (SWANLAB_MODE=cloud, or an API key in the environment): an
+            # interactive login prompt must never stall a training job.
+            mode = os.environ.get("SWANLAB_MODE") or ("cloud" if os.environ.get("SWANLAB_API_KEY") else "offline")
+            trackers.append(
+                swanlab.init(
+                    project="minimind",
+                    experiment_name=self.out.name,
+                    config=asdict(self.cfg),
+                    logdir=str(self.out / "swanlog"),
+                    mode=mode,
+                )
+            )
         if self.cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -466,6 +490,9 @@ class Trainer:
         """A complete checkpoint folder for this step (the stage's run directory plus train_state.pt),
         then published as the run's latest (minimind/checkpoint.py: a crash at any point keeps the
         previous one). Every process hands rank 0 its own RNG states and batch-source state."""
+        # Collectives first, on every process: FSDP gathers the full weights and optimizer state to rank 0.
+        weights = self.engine.model_state(self.model) if self.engine.name == "fsdp" else None
+        optimizer = self.engine.optimizer_state(self.model, self.optimizer)
         mine = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -487,13 +514,15 @@ class Trainer:
             "tokens": self.tokens_seen,
             "train_config": asdict(self.cfg),
         }
-        self.checkpoint.save(self, folder, info, {"step": str(self.step)})
+        with self.consolidated(weights):
+            self.checkpoint.save(self, folder, info, {"step": str(self.step)})
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "world": self.world,
+            "engine": self.engine.name,
             "global_batch": self.cfg.batch_size * self.cfg.accumulation * self.world,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "rng": [{"torch": r["torch_rng"], "cuda": r["cuda_rng"]} for r in ranks],
             "sources": [r["source"] for r in ranks],
@@ -551,13 +580,39 @@ class Trainer:
                 f"--accumulation {c.accumulation} keep the global batch of {total}"
             )
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Weights, optimizer, scaler, this process's RNG and batch-source state, step."""
+    def sampling_model(self) -> nn.Module:
+        """The model to generate with, whole on this process: the model itself, or under FSDP the replica
+        loaded with the current weights (one all-gather per call: call it once per rollout)."""
+        if self.engine.name != "fsdp":
+            return self.model
+        assert self.replica is not None
+        self.replica.load_state_dict(self.engine.full_weights(self.model))
+        return self.replica
+
+    @contextlib.contextmanager
+    def consolidated(self, weights: dict[str, torch.Tensor] | None) -> Any:
+        """Inside, `self.model` is a plain model with the full weights (FSDP: rank 0's replica loaded
+        with the gathered state), so the stage's checkpoint writer needs to know nothing of sharding."""
+        if weights is None or self.replica is None:
+            yield
+            return
+        self.replica.load_state_dict(weights)
+        sharded, self.model = self.model, self.replica
+        try:
+            yield
+        finally:
+            self.model = sharded
+
+    def load_weights(self, state: dict[str, Any]) -> None:
+        """The checkpoint's weights, into the plain model (before it is wrapped or sharded)."""
         if self.rank == 0 and state["folder"] != self.out:
             publish_checkpoint(self.out, state["folder"])  # finishes a publish that a crash cut short
         self.checkpoint.load(self, state["folder"])
         self.model.to(self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Optimizer, scaler, this process's RNG and batch-source state, step (weights: load_weights)."""
+        self.engine.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         same_world = len(state["sources"]) == self.world
         # Under another world size the sources' shared part (sampler position, trackers) is rank 0's;

@@ -307,3 +307,28 @@ def test_spo_under_ddp_keeps_one_tracker_for_all_processes(pipeline, tmp_path):
     assert torch.equal(t0["beta"], t1["beta"])
     seen = {i for a, b in zip(r0["prompts"], r1["prompts"]) for i in a + b}
     assert set(t0["ids"].tolist()) == seen  # the tracker saw every process's prompts
+
+
+def test_grpo_under_fsdp_equals_ddp(pipeline, tmp_path):
+    """GRPO over 2 gloo processes: FSDP2 (each process samples from a whole replica gathered once per
+    rollout, trains the sharded policy) and DDP draw the same rollouts and end with the same policy."""
+    outs = {}
+    for engine in ("ddp", "fsdp"):
+        out = tmp_path / engine
+        argv = rl_argv(pipeline, out, "--max-steps", 3, "--lr", 1e-3, "--batch-size", 2, "--device", "cpu")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minimind"]
+        proc = subprocess.run(
+            cmd + argv + (["--fsdp"] if engine == "fsdp" else []), capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        outs[engine] = out
+    metrics = {e: [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for e, o in outs.items()}
+    for a, b in zip(metrics["ddp"], metrics["fsdp"]):
+        assert a["reward"] == b["reward"] and a["length"] == b["length"]  # the same rollouts
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+    a, b = (load_file(str(o / "model.safetensors")) for o in outs.values())
+    start = load_file(str(pipeline["sft"] / "model.safetensors"))
+    assert any(not torch.equal(a[k], start[k]) for k in start)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)

@@ -278,7 +278,7 @@ class RolloutSource:
         params = SamplingParams(
             max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids
         )
-        model = policy_of(t.model)
+        model = policy_of(t.sampling_model())  # whole on this process, also under FSDP
         max_positions = model.cfg.max_position_embeddings
         model.eval()
         t0 = time.perf_counter()

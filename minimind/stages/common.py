@@ -46,7 +46,9 @@ def saved_train_config(out: str | Path) -> dict[str, Any]:
         path = Path(out) / name
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8")).get("train_config", {})
-            known = {f.name for f in fields(TrainConfig)} - {"out", "resume"}
+            # The engine is not inherited: checkpoints do not depend on it, so a resume runs under the
+            # engine it is launched with (FSDP saved, DDP or one process resumed, or the other way).
+            known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "fsdp"}
             return {k: v for k, v in saved.items() if k in known}
     return {}
 

@@ -134,7 +134,7 @@ def prepare_rl(
         reward.check(held)
 
         def check() -> str:
-            m = held_out_rewards(policy_of(trainer.model), tok, held, reward, opts, opts.eval_samples)
+            m = held_out_rewards(policy_of(trainer.sampling_model()), tok, held, reward, opts, opts.eval_samples)
             return describe_rewards(m, opts, len(held))
 
     return trainer, check
