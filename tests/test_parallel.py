@@ -122,3 +122,33 @@ def test_engine_errors_are_one_line(setup, tokenizer_dir, tmp_path):
     proc = run(pretrain(setup, tokenizer_dir, tmp_path / "x", "--max-steps", 1, "--fsdp"), check=False)
     assert proc.returncode != 0 and "--fsdp shards the model over the processes of a launched job" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_swanlab_offline_keeps_the_same_record_as_metrics_jsonl(setup, tokenizer_dir, tmp_path):
+    """--swanlab with no account: offline into RUN_DIR/swanlog (no prompt, no network), and the run
+    file, read back with SwanLab's own reader, holds every logged metric of every logged step."""
+    pytest.importorskip("swanlab")
+    from swanlab.proto.swanlab.record.v1 import record_pb2
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB")}
+    argv = [sys.executable, "-m", "minimind", *map(str, pretrain(setup, tokenizer_dir, out, "--max-steps", 4))]
+    proc = subprocess.run([*argv, "--log-every", "2", "--swanlab"], capture_output=True, text=True, timeout=300,
+                          env={**env, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (record,) = list((out / "swanlog").glob("run-*/*.swanlab"))
+    reader = DataStoreReader()
+    reader.open(record)
+    logged: dict[int, dict[str, float]] = {}
+    for raw in reader:
+        rec = record_pb2.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "scalar":
+            logged.setdefault(rec.scalar.step, {})[rec.scalar.key] = rec.scalar.value.number
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == sorted(logged) == [2, 4]
+    for m in metrics:
+        assert logged[m["step"]].keys() == m.keys()
+        for k, v in m.items():
+            assert logged[m["step"]][k] == pytest.approx(v, rel=1e-6), k
