@@ -94,16 +94,21 @@ def test_fsdp_pretraining_equals_ddp_and_one_process_and_resumes_exactly(setup, 
             close(tmp_path / "one", out)
 
 
-@pytest.mark.parametrize("stage", ["sft", "lora", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "lora", "dpo", "reward", "reason", "distill"])
 def test_fsdp_post_training_equals_one_process(setup, tmp_path, stage):
-    """SFT with packed rows, LoRA (only the adapters train), DPO (a frozen, replicated reference):
-    FSDP2 over 2 processes x batch 2 equals 1 process x batch 4 after 3 steps."""
+    """SFT with packed rows, LoRA (only the adapters train), DPO (a frozen, replicated reference), the
+    reward model, reasoning (tag-weighted loss), distillation (a frozen, replicated teacher): FSDP2
+    over 2 processes x batch 2 equals 1 process x batch 4 after 3 steps."""
     files, root, parent = setup
-    data = {"sft": files["sft"], "lora": files["identity"], "dpo": files["dpo"]}[stage]
-    argv = [stage, "--from", parent, "--data", data, "--max-seq-len", 64, "--accumulation", 1, "--max-steps", 3]
-    argv += ["--lr", 1e-3, "--warmup-steps", 0, "--log-every", 1, "--cache-dir", root / "cache", "--device", "cpu"]
+    data = {"sft": "sft", "lora": "identity", "dpo": "dpo", "reward": "dpo", "reason": "reason", "distill": "sft"}
+    seq = 192 if stage == "reason" else 64  # worked traces are long
+    argv = [stage, "--from", parent, "--data", files[data[stage]], "--max-seq-len", seq, "--accumulation", 1]
+    argv += ["--max-steps", 3, "--lr", 1e-3, "--warmup-steps", 0, "--log-every", 1, "--cache-dir", root / "cache"]
+    argv += ["--device", "cpu"]
     if stage == "lora":
         argv += ["--name", "x"]
+    if stage == "distill":
+        argv += ["--teacher", parent]
     out_one, out_two = tmp_path / "one", tmp_path / "two"
     run(argv + ["--out", out_one, "--batch-size", 4])
     run(argv + ["--out", out_two, "--batch-size", 2, "--fsdp"], nproc=2)

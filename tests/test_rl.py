@@ -309,13 +309,19 @@ def test_spo_under_ddp_keeps_one_tracker_for_all_processes(pipeline, tmp_path):
     assert set(t0["ids"].tolist()) == seen  # the tracker saw every process's prompts
 
 
-def test_grpo_under_fsdp_equals_ddp(pipeline, tmp_path):
-    """GRPO over 2 gloo processes: FSDP2 (each process samples from a whole replica gathered once per
-    rollout, trains the sharded policy) and DDP draw the same rollouts and end with the same policy."""
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "spo"])
+def test_rl_under_fsdp_equals_ddp(pipeline, tmp_path, stage):
+    """RL over 2 gloo processes: FSDP2 (each process samples from a whole replica gathered once per
+    rollout and trains the sharded policy; PPO's critic sharded beside it) and DDP draw the same
+    rollouts and end with the same policy."""
     outs = {}
     for engine in ("ddp", "fsdp"):
         out = tmp_path / engine
         argv = rl_argv(pipeline, out, "--max-steps", 3, "--lr", 1e-3, "--batch-size", 2, "--device", "cpu")
+        argv[0] = stage
+        if stage != "grpo":  # one completion per prompt
+            k = argv.index("--num-generations")
+            del argv[k : k + 2]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minimind"]
         proc = subprocess.run(
             cmd + argv + (["--fsdp"] if engine == "fsdp" else []), capture_output=True, text=True, timeout=600,
@@ -324,6 +330,7 @@ def test_grpo_under_fsdp_equals_ddp(pipeline, tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         outs[engine] = out
     metrics = {e: [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for e, o in outs.items()}
+    assert len(metrics["ddp"]) == len(metrics["fsdp"]) == 3
     for a, b in zip(metrics["ddp"], metrics["fsdp"]):
         assert a["reward"] == b["reward"] and a["length"] == b["length"]  # the same rollouts
         assert abs(a["loss"] - b["loss"]) < 1e-4
