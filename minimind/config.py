@@ -239,6 +239,8 @@ class TrainConfig:
     swanlab: bool = False  # SwanLab; offline (RUN_DIR/swanlog) unless SWANLAB_MODE or SWANLAB_API_KEY say otherwise
     tensorboard: bool = False
     fsdp: bool = False  # FSDP2 under torchrun: weights, gradients and optimizer state sharded per block
+    zero: int = 0  # DeepSpeed ZeRO stage 1, 2 or 3 (under deepspeed or torchrun)
+    deepspeed: str = ""  # a DeepSpeed JSON config (zero_optimization, offload); batch and precision stay ours
 
     def validate(self) -> None:
         if not self.out:

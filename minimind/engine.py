@@ -239,15 +239,15 @@ class Trainer:
         # on rank 0 (CPU) to write consolidated checkpoints with the stage's own writer; on every rank
         # (on the device) for RL, where each process samples its rollouts alone (a sharded model would
         # need every process in every forward pass, and generations end at different lengths).
-        sampling = source is not None
+        samples_whole = source is not None and self.engine.sharded
+        writes_whole = self.rank == 0 and (self.engine.sharded or self.engine.owns_step)
         self.replica = None
-        if self.engine.name == "fsdp" and (self.rank == 0 or sampling):
-            self.replica = replica(self.model, self.device if sampling else torch.device("cpu"))
+        if samples_whole or writes_whole:
+            self.replica = replica(self.model, self.device if samples_whole else torch.device("cpu"))
         # Wrap (DDP) or shard (FSDP) before the optimizer sees the parameters, then compile: the
         # compiled graph is split at DDP's gradient buckets, so each all-reduce overlaps the backward.
-        self.wrapped = self.engine.wrap(self.model)
+        self.wrapped, self.optimizer = self.engine.wrap(self.model, lambda m: make_optimizer(m, cfg, self.device))
         self.train_model: nn.Module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
         self.tokens_seen = 0
@@ -290,16 +290,20 @@ class Trainer:
                 with mixed:
                     loss_sum, aux, *extra = self.loss_fn(self.train_model, batch.to(self.device))
                 loss = loss_sum / denom + aux / len(micro)
-                self.scaler.scale(loss).backward()
+                self.engine.backward(self.wrapped, loss, self.scaler)
             loss_total += loss_sum.detach()
             for k, v in (extra[0] if extra else {}).items():
                 self.metric_sums[k] = self.metric_sums.get(k, 0) + v.detach().double()
-        self.scaler.unscale_(self.optimizer)
-        # After DDP's all-reduce every process holds the same gradients (FSDP: the norm of the shards is
-        # reduced), hence the same norm and the same decision below.
-        grad_norm = self.engine.clip(self.model, self.cfg.grad_clip or float("inf"))
-        self.apply_update(grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine.owns_step:  # DeepSpeed clipped, stepped (or skipped a non-finite step) in backward
+            grad_norm, skipped = self.engine.finish_step(self.wrapped)
+            self.skipped.fill_(skipped)
+        else:
+            self.scaler.unscale_(self.optimizer)
+            # After DDP's all-reduce every process holds the same gradients (FSDP: the norm of the shards
+            # is reduced), hence the same norm and the same decision below.
+            grad_norm = self.engine.clip(self.model, self.cfg.grad_clip or float("inf"))
+            self.apply_update(grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss_total, grad_norm, counts
 
@@ -491,7 +495,7 @@ class Trainer:
         then published as the run's latest (minimind/checkpoint.py: a crash at any point keeps the
         previous one). Every process hands rank 0 its own RNG states and batch-source state."""
         # Collectives first, on every process: FSDP gathers the full weights and optimizer state to rank 0.
-        weights = self.engine.model_state(self.model) if self.engine.name == "fsdp" else None
+        weights = self.engine.model_state(self.model) if self.engine.sharded or self.engine.owns_step else None
         optimizer = self.engine.optimizer_state(self.model, self.optimizer)
         mine = {
             "torch_rng": torch.get_rng_state(),
@@ -583,7 +587,7 @@ class Trainer:
     def sampling_model(self) -> nn.Module:
         """The model to generate with, whole on this process: the model itself, or under FSDP the replica
         loaded with the current weights (one all-gather per call: call it once per rollout)."""
-        if self.engine.name != "fsdp":
+        if not self.engine.sharded:
             return self.model
         assert self.replica is not None
         self.replica.load_state_dict(self.engine.full_weights(self.model))

@@ -65,40 +65,55 @@ def pretrain(setup, tokenizer_dir, out, *extra):
     return argv + [*extra]
 
 
-def test_fsdp_pretraining_equals_ddp_and_one_process_and_resumes_exactly(setup, tokenizer_dir, tmp_path):
-    """1 process x batch 8 == DDP 2 x 4 == FSDP2 2 x 4 (accumulation 2 on FSDP: its gradient sync is
-    skipped on the first micro-batch); an FSDP run stopped at step 2 and resumed equals the straight
-    FSDP run bit for bit; resumed by DDP and by one process, it continues the same training."""
+ENGINES = {"fsdp": ["--fsdp"], "zero2": ["--zero", 2], "zero3": ["--zero", 3]}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sharded_pretraining_equals_one_process_and_resumes_exactly(setup, tokenizer_dir, tmp_path, engine):
+    """1 process x batch 8 == 2 processes x batch 2 x accumulation 2 under FSDP2, ZeRO-2 and ZeRO-3
+    (and DDP): the gradient sync skipped on the first micro-batch, one step at the boundary. A run
+    stopped at step 2 and resumed under the same engine equals the straight run bit for bit; resumed
+    under DDP and by one process (checkpoints do not depend on the engine), it trains on the same."""
+    flags = ENGINES[engine]
     argv = lambda out, *extra: pretrain(setup, tokenizer_dir, tmp_path / out, *extra)
     run(argv("one", "--batch-size", 8, "--accumulation", 1, "--max-steps", 4))
-    run(argv("ddp", "--batch-size", 2, "--accumulation", 2, "--max-steps", 4), nproc=2)
-    run(argv("fsdp", "--batch-size", 2, "--accumulation", 2, "--max-steps", 4, "--fsdp"), nproc=2)
-    for name in ("ddp", "fsdp"):
+    run(argv("sharded", "--batch-size", 2, "--accumulation", 2, "--max-steps", 4, *flags), nproc=2)
+    names = ["sharded"]
+    if engine == "fsdp":
+        run(argv("ddp", "--batch-size", 2, "--accumulation", 2, "--max-steps", 4), nproc=2)
+        names.append("ddp")
+    for name in names:
         close(tmp_path / "one", tmp_path / name)
         torch.testing.assert_close(losses(tmp_path / name), losses(tmp_path / "one"), atol=1e-4, rtol=1e-5)
     # The run directory is an ordinary one: one consolidated weight file, the config, the tokenizer.
     assert {"model.safetensors", "config.json", "tokenizer.json", "run.json"} <= {
-        p.name for p in (tmp_path / "fsdp").iterdir()
+        p.name for p in (tmp_path / "sharded").iterdir()
     }
-    run(argv("cut", "--batch-size", 2, "--accumulation", 2, "--max-steps", 2, "--save-every", 2, "--fsdp"), nproc=2)
-    for engine, nproc in (("--fsdp", 2), ("", 2), ("", 1)):
-        out = tmp_path / f"resumed{engine or nproc}"
+    run(argv("cut", "--batch-size", 2, "--accumulation", 2, "--max-steps", 2, "--save-every", 2, *flags), nproc=2)
+    for how, nproc in (("same", 2), ("ddp", 2), ("one", 1)):
+        out = tmp_path / f"resumed-{how}"
         subprocess.run(["cp", "-r", str(tmp_path / "cut"), str(out)], check=True)
         resume = ["pretrain", "--resume", "--data", setup[0]["pretrain"], "--out", out, "--max-steps", 4]
-        resume += ["--device", "cpu"]
-        run(resume + ([engine] if engine else []), nproc=nproc)
-        if engine:
-            fsdp, resumed = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(out / "model.safetensors")
-            assert all(torch.equal(fsdp[k], resumed[k]) for k in fsdp), "FSDP resume is not exact"
+        run(resume + ["--device", "cpu"] + (flags if how == "same" else []), nproc=nproc)
+        if how == "same":
+            straight, resumed = (
+                load_file(tmp_path / "sharded" / "model.safetensors"),
+                load_file(out / "model.safetensors"),
+            )
+            assert all(torch.equal(straight[k], resumed[k]) for k in straight), f"{engine} resume is not exact"
         else:
             close(tmp_path / "one", out)
 
 
-@pytest.mark.parametrize("stage", ["sft", "lora", "dpo", "reward", "reason", "distill"])
-def test_fsdp_post_training_equals_one_process(setup, tmp_path, stage):
+POST = [(stage, "fsdp") for stage in ("sft", "lora", "dpo", "reward", "reason", "distill")]
+POST += [(stage, zero) for stage in ("sft", "lora", "dpo") for zero in ("zero2", "zero3")]
+
+
+@pytest.mark.parametrize("stage, engine", POST)
+def test_sharded_post_training_equals_one_process(setup, tmp_path, stage, engine):
     """SFT with packed rows, LoRA (only the adapters train), DPO (a frozen, replicated reference), the
-    reward model, reasoning (tag-weighted loss), distillation (a frozen, replicated teacher): FSDP2
-    over 2 processes x batch 2 equals 1 process x batch 4 after 3 steps."""
+    reward model, reasoning (tag-weighted loss), distillation (a frozen, replicated teacher): FSDP2,
+    ZeRO-2 and ZeRO-3 over 2 processes x batch 2 equal 1 process x batch 4 after 3 steps."""
     files, root, parent = setup
     data = {"sft": "sft", "lora": "identity", "dpo": "dpo", "reward": "dpo", "reason": "reason", "distill": "sft"}
     seq = 192 if stage == "reason" else 64  # worked traces are long
@@ -111,7 +126,7 @@ def test_fsdp_post_training_equals_one_process(setup, tmp_path, stage):
         argv += ["--teacher", parent]
     out_one, out_two = tmp_path / "one", tmp_path / "two"
     run(argv + ["--out", out_one, "--batch-size", 4])
-    run(argv + ["--out", out_two, "--batch-size", 2, "--fsdp"], nproc=2)
+    run(argv + ["--out", out_two, "--batch-size", 2, *ENGINES[engine]], nproc=2)
     torch.testing.assert_close(losses(out_two), losses(out_one), atol=1e-4, rtol=1e-5)
     if stage == "lora":
         a = load_file(next(out_one.rglob("adapter.safetensors")))

@@ -48,7 +48,7 @@ def saved_train_config(out: str | Path) -> dict[str, Any]:
             saved = json.loads(path.read_text(encoding="utf-8")).get("train_config", {})
             # The engine is not inherited: checkpoints do not depend on it, so a resume runs under the
             # engine it is launched with (FSDP saved, DDP or one process resumed, or the other way).
-            known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "fsdp"}
+            known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "fsdp", "zero", "deepspeed"}
             return {k: v for k, v in saved.items() if k in known}
     return {}
 
