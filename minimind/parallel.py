@@ -215,10 +215,17 @@ class DeepSpeed(Engine):
         return {k: v.cpu() for k, v in state.items()} if dist.get_rank() == 0 else None
 
     def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         state = {n: b for n, b in model.named_buffers() if n in self.persistent}
-        state.update({n: safe_get_full_fp32_param(p).detach() for n, p in self._named(model)})
+        named = self._named(model)
+        # Trained weights: the fp32 masters of the optimizer. Frozen ones (LoRA's base) are in no
+        # optimizer: gathered from the module itself (a no-op below ZeRO-3).
+        state.update({n: safe_get_full_fp32_param(p).detach() for n, p in named if p.requires_grad})
+        frozen = [(n, p) for n, p in named if not p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in frozen]):
+            state.update({n: p.detach().clone().float() for n, p in frozen})
         return state
 
     @staticmethod

