@@ -49,6 +49,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # The `deepspeed` launcher passes --local_rank=N (before the command, with --module); LOCAL_RANK in
+    # the environment says the same, and that is what MiniMind reads.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
     if args.command is None:

@@ -239,6 +239,9 @@ class Trainer:
         # on rank 0 (CPU) to write consolidated checkpoints with the stage's own writer; on every rank
         # (on the device) for RL, where each process samples its rollouts alone (a sharded model would
         # need every process in every forward pass, and generations end at different lengths).
+        # Counted before any sharding leaves a process with pieces (ZeRO-3's parameters report 0 elements).
+        self.param_count = self.model.num_params()
+        self.flops_per_token = self.model.estimate_mfu(1.0, cfg.max_seq_len, 1.0)
         samples_whole = source is not None and self.engine.sharded
         writes_whole = self.rank == 0 and (self.engine.sharded or self.engine.owns_step)
         self.replica = None
@@ -334,7 +337,7 @@ class Trainer:
             self._trim_metrics()
             c = self.model.cfg
             print(
-                f"training {self.model.num_params() / 1e6:.2f}M params ({c.num_layers}x{c.hidden_size}) on "
+                f"training {self.param_count / 1e6:.2f}M params ({c.num_layers}x{c.hidden_size}) on "
                 f"{self.device} {str(self.dtype).replace('torch.', '')} x{self.world}: {self.total_steps} steps "
                 f"of {self.source.describe()}{f', resuming at step {self.step}' if self.step else ''}"
             )
@@ -441,7 +444,7 @@ class Trainer:
         line += "".join(f" | {k} {record[k]:.4g}" for k in [*self.metric_sums, *source_metrics])
         peak = peak_flops(self.device)
         if peak:
-            record["mfu"] = round(self.model.estimate_mfu(tokens_per_s, self.cfg.max_seq_len, peak * self.world), 4)
+            record["mfu"] = round(self.flops_per_token * tokens_per_s / (peak * self.world), 4)
             line += f" | MFU {record['mfu']:.1%}"
         print(line + f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:

@@ -323,6 +323,7 @@ def choose(cfg: TrainConfig, device: torch.device, world: int, dtype: torch.dtyp
             import deepspeed  # noqa: F401
         except ImportError:
             raise ConfigError("--zero/--deepspeed need DeepSpeed: `pip install deepspeed`") from None
+        config = deepspeed_config(cfg, dtype)  # a bad config is a bad input, launched or not
         if not distributed:
             raise ConfigError(
                 "--zero/--deepspeed shard training over the processes of a launched job: run under "
@@ -332,7 +333,7 @@ def choose(cfg: TrainConfig, device: torch.device, world: int, dtype: torch.dtyp
             raise ConfigError("--zero/--deepspeed with float16 is not supported: use --dtype bfloat16 or float32")
         if cfg.compile:
             raise ConfigError("--compile with DeepSpeed is not supported: drop one of them")
-        return DeepSpeed(device, world, dtype, distributed, deepspeed_config(cfg, dtype))
+        return DeepSpeed(device, world, dtype, distributed, config)
     if cfg.fsdp:
         if not distributed:
             raise ConfigError(

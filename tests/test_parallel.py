@@ -139,9 +139,36 @@ def test_sharded_post_training_equals_one_process(setup, tmp_path, stage, engine
 
 
 def test_engine_errors_are_one_line(setup, tokenizer_dir, tmp_path):
-    proc = run(pretrain(setup, tokenizer_dir, tmp_path / "x", "--max-steps", 1, "--fsdp"), check=False)
-    assert proc.returncode != 0 and "--fsdp shards the model over the processes of a launched job" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    def error(*extra, nproc=1):
+        proc = run(pretrain(setup, tokenizer_dir, tmp_path / "x", "--max-steps", 1, *extra), nproc=nproc, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr.split("ConfigError")[0][-2000:]
+        return proc.stderr
+
+    assert "--fsdp shards the model over the processes of a launched job" in error("--fsdp")
+    assert "--zero/--deepspeed shard training over the processes of a launched job" in error("--zero", 2)
+    assert "--fsdp and --zero/--deepspeed are two engines: choose one" in error("--fsdp", "--zero", 3)
+    assert "--zero must be 1, 2 or 3" in error("--zero", 4)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 2}}))
+    assert "remove ['optimizer']: MiniMind's AdamW, schedule and precision are used" in error("--deepspeed", config)
+
+
+def test_the_deepspeed_launcher_runs_a_stage(setup, tokenizer_dir, tmp_path):
+    """`deepspeed --num_gpus 2 --module minimind ...` (it passes --local_rank=N before the command), with
+    a ready ZeRO-3 config from configs/: the same training as one process."""
+    pytest.importorskip("deepspeed")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "deepspeed", "zero3.json")
+    argv = pretrain(setup, tokenizer_dir, tmp_path / "ds", "--batch-size", 2, "--accumulation", 2, "--max-steps", 3)
+    proc = subprocess.run(
+        [launcher, "--num_gpus", "2", "--master_port", "29611", "--module", "minimind", *map(str, argv)]
+        + ["--deepspeed", config],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run(pretrain(setup, tokenizer_dir, tmp_path / "one", "--batch-size", 8, "--accumulation", 1, "--max-steps", 3))
+    close(tmp_path / "one", tmp_path / "ds")
 
 
 def test_swanlab_offline_keeps_the_same_record_as_metrics_jsonl(setup, tokenizer_dir, tmp_path):
