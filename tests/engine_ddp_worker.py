@@ -1,6 +1,7 @@
-"""Run under torch.distributed.run by tests/test_engine.py: a tiny pretraining run in which only the
-last rank's loss turns NaN at step 3. Every rank must stop at the same step with TrainingError (none
-may hang in a collective), and writes what it saw to OUT/rank{R}.txt."""
+"""Run under torch.distributed.run by tests/test_engine.py: a tiny pretraining run (DDP, or the engine
+named by a fifth argument) in which only the last rank's loss turns NaN at step 3. Every rank must stop
+at the same step with TrainingError (none may hang in a collective), and writes what it saw to
+OUT/rank{R}.txt."""
 
 import sys
 
@@ -15,6 +16,8 @@ from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
 
 out, tokenizer_dir, data, cache = sys.argv[1:5]
+engine = sys.argv[5] if len(sys.argv) > 5 else "ddp"  # or fsdp, zero2, zero3
+flags = {"fsdp": {"fsdp": True}, "zero2": {"zero": 2}, "zero3": {"zero": 3}}.get(engine, {})
 tok = Tokenizer.load(tokenizer_dir)
 tokens = tokenize_files([data], tok, cache)
 rows = PackedRows(tokens.tokens, tokens.offsets, 32)
@@ -31,7 +34,7 @@ def poisoned(model, batch):
 
 
 cfg = TrainConfig(out=out + "/run", max_seq_len=32, batch_size=4, accumulation=1, max_steps=10, save_every=2,
-                  log_every=5, device="cpu")  # fmt: skip
+                  log_every=5, device="cpu", **flags)  # fmt: skip
 trainer = Trainer(cfg, model, tok, rows, {"stage": "test"}, loss_fn=poisoned)
 try:
     trainer.fit()

@@ -326,13 +326,17 @@ def test_resume_under_another_number_of_processes_keeps_the_global_batch(tokeniz
 DDP_WORKER = Path(__file__).with_name("engine_ddp_worker.py")
 
 
-def test_a_nan_on_one_process_stops_every_process_together(tokenizer_dir, demo_rows, tmp_path):
-    """Only the last of two gloo processes gets a NaN loss (step 3): DDP's all-reduce spreads it to both
-    gradients, neither applies the update, and both stop at the same step, with the last good
-    checkpoint (step 2, finite) named; no process is left waiting in a collective."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
+def test_a_nan_on_one_process_stops_every_process_together(tokenizer_dir, demo_rows, tmp_path, engine):
+    """Only the last of two gloo processes gets a NaN loss (step 3): the gradient reduction (DDP's
+    all-reduce, FSDP2's and ZeRO's reduce-scatter) spreads it to both, neither applies the update
+    (DeepSpeed skips the step itself), and both stop at the same step, with the last good checkpoint
+    (step 2, finite) named; no process is left waiting in a collective."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
     files, root = demo_rows[2], demo_rows[3]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(DDP_WORKER)]
-    cmd += [str(tmp_path), str(tokenizer_dir), str(files["pretrain"]), str(root / "cache")]
+    cmd += [str(tmp_path), str(tokenizer_dir), str(files["pretrain"]), str(root / "cache"), engine]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

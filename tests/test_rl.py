@@ -312,13 +312,12 @@ def test_spo_under_ddp_keeps_one_tracker_for_all_processes(pipeline, tmp_path):
 SHARDED = {"fsdp": ["--fsdp"], "zero2": ["--zero", "2"], "zero3": ["--zero", "3"]}
 
 
-@pytest.mark.parametrize(
-    "stage, sharded", [("grpo", "fsdp"), ("ppo", "fsdp"), ("spo", "fsdp"), ("grpo", "zero2"), ("grpo", "zero3")]
-)
+@pytest.mark.parametrize("stage, sharded", [("grpo", "fsdp"), ("ppo", "fsdp"), ("spo", "fsdp"), ("grpo", "zero3")])
 def test_rl_under_sharded_engines_equals_ddp(pipeline, tmp_path, stage, sharded):
     """RL over 2 gloo processes: FSDP2 / ZeRO-3 (each process samples from a whole replica gathered
-    once per rollout and trains the sharded policy; PPO's critic sharded beside it), ZeRO-2, and DDP
-    draw the same rollouts and end with the same policy."""
+    once per rollout and trains the sharded policy; PPO's critic sharded beside it) and DDP draw the
+    same rollouts and end with the same policy. (ZeRO-2 samples from its whole weights, as DDP does;
+    it was checked equal once, and its training path is tested on pretraining and SFT.)"""
     outs = {}
     for engine in ("ddp", sharded):
         out = tmp_path / engine
