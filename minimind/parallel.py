@@ -1,4 +1,4 @@
-"""How the model is spread over the processes of a run: one process, DDP replicas, or FSDP2 shards.
+"""How the model is spread over the processes of a run: one process, DDP replicas, FSDP2 or ZeRO shards.
 
     one process     full weights, gradients and AdamW state here
     DDP (default    every process holds all of them; gradients are averaged by all-reduce in buckets
@@ -8,13 +8,16 @@
                     terms); a block's weights are all-gathered just before it runs and freed after,
                     gradients are reduce-scattered. Mixed precision policy on bf16 GPUs: bf16 compute
                     and all-gathers, fp32 master weights and gradient reduction.
+    DeepSpeed       ZeRO stage 1 (AdamW state sharded), 2 (+ gradients), 3 (+ weights), with MiniMind's
+    --zero N        AdamW as its client optimizer; DeepSpeed owns the step (see `DeepSpeed`).
 
-The loop (minimind/engine.py) is the same for all: it asks the engine to wrap the model, to skip the
-gradient sync on all but the last micro-batch, to clip (the norm of sharded gradients needs a
-collective), and for state to save. Checkpoints do not depend on the engine: rank 0 writes one
-consolidated `model.safetensors`, and the optimizer state is saved full (gathered) and keyed by
-parameter name (torch.distributed.checkpoint's state-dict API), so a run saved under one engine
-resumes under another, and under another number of processes.
+The loop (minimind/engine.py) is the same for all: it asks the engine to wrap the model (and make the
+optimizer over what it leaves), to skip the gradient sync on all but the last micro-batch, to run the
+backward pass, to clip (the norm of sharded gradients needs a collective), and for state to save.
+Checkpoints do not depend on the engine: rank 0 writes one consolidated `model.safetensors`, and the
+optimizer state is saved full (gathered) and keyed by parameter name (torch.distributed.checkpoint's
+state-dict API; DeepSpeed's `safe_get_full_*`), so a run saved under one engine resumes under another,
+and under another number of processes.
 """
 
 from __future__ import annotations
