@@ -235,10 +235,11 @@ class Trainer:
         self.engine = choose(cfg, self.device, self.world, self.dtype, self.distributed)
         if resume is not None:
             self.load_weights(resume)
-        # FSDP: a plain copy of the model, loaded with the gathered weights when whole weights are needed:
-        # on rank 0 (CPU) to write consolidated checkpoints with the stage's own writer; on every rank
-        # (on the device) for RL, where each process samples its rollouts alone (a sharded model would
-        # need every process in every forward pass, and generations end at different lengths).
+        # FSDP2 / DeepSpeed: a plain copy of the model, loaded with the gathered weights when whole weights
+        # are needed: on rank 0 (CPU) to write consolidated checkpoints with the stage's own writer; on
+        # every rank (on the device) for RL under sharded weights, where each process samples its
+        # rollouts alone (a sharded model would need every process in every forward pass, and
+        # generations end at different lengths).
         # Counted before any sharding leaves a process with pieces (ZeRO-3's parameters report 0 elements).
         self.param_count = self.model.num_params()
         self.flops_per_token = self.model.estimate_mfu(1.0, cfg.max_seq_len, 1.0)
