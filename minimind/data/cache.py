@@ -127,7 +127,7 @@ def content_hash(paths: list[str | Path]) -> str:
     return meter.hasher.hexdigest()
 
 
-def progress(total: int, desc: str, unit: str = "B"):  # noqa: ANN201 - a tqdm bar
+def progress(total: int | None, desc: str, unit: str = "B"):  # noqa: ANN201 - a tqdm bar
     """A progress bar on stderr, shown only when stderr is a terminal (piped logs stay clean)."""
     from tqdm.auto import tqdm
 

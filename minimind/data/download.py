@@ -314,10 +314,10 @@ def http_download(url: str, part: Path, size: int | None, label: str) -> None:
     a timeout or a 5xx is retried; RETRIES attempts in a row that leave `part` no longer than it ever
     was give up, and the .part stays for next time.
     """
-    from tqdm.auto import tqdm
+    from minimind.data.cache import progress
 
     stalled, best = 0, -1
-    with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False, disable=None) as bar:
+    with progress(size, label) as bar:  # size None (unknown): a bar without a total
         while True:
             have = part.stat().st_size if part.exists() else 0
             if size is not None and have >= size:
