@@ -163,7 +163,9 @@ if dist.get_rank() == 0:
     time.sleep(3)  # rank 1 asks first: it must wait for rank 0, not tokenize
 t = tokenize_files([sys.argv[2]], Tokenizer.load(sys.argv[1]), sys.argv[3])
 dist.barrier()
-print("RESULT", dist.get_rank(), t.reused, int(np.asarray(t.tokens, dtype=np.int64).sum()), flush=True)
+# one file per rank: two processes printing to one pipe can interleave their lines
+with open(f"{sys.argv[4]}/result-{dist.get_rank()}", "w") as f:
+    print(dist.get_rank(), t.reused, int(np.asarray(t.tokens, dtype=np.int64).sum()), file=f)
 dist.destroy_process_group()
 """
 
@@ -184,13 +186,14 @@ def test_only_local_rank_zero_tokenizes_under_torchrun(tokenizer_dir, tmp_path):
             str(tokenizer_dir),
             str(data),
             str(tmp_path / "c"),
+            str(tmp_path),
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    results = sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT"))
+    results = [(tmp_path / f"result-{rank}").read_text().split() for rank in (0, 1)]
     assert [r[:2] for r in results] == [["0", "False"], ["1", "True"]], out.stdout
     assert results[0][2] == results[1][2]
     assert out.stdout.count("tokenized ") == 1 and "waiting for local rank 0" in out.stderr
