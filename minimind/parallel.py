@@ -187,6 +187,9 @@ class DeepSpeed(Engine):
         import deepspeed
 
         optimizer = make_optimizer(model)
+        offload = self.config["zero_optimization"].get("offload_optimizer") or {}
+        if offload.get("device", "none") != "none":
+            optimizer = cpu_adam(optimizer)
         names = {id(p): n for n, p in model.named_parameters()}
         self.groups = [
             {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
@@ -244,7 +247,8 @@ class DeepSpeed(Engine):
             for flat in flats:
                 if not inner.state[flat]:
                     zeros = {k: torch.zeros_like(flat) for k in ("exp_avg", "exp_avg_sq")}
-                    inner.state[flat] = {"step": torch.tensor(0.0, dtype=torch.float32), **zeros}
+                    step = 0 if type(inner).__name__ == "DeepSpeedCPUAdam" else torch.tensor(0.0)  # its step: an int
+                    inner.state[flat] = {"step": step, **zeros}
         if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
             optimizer._hp_optimizer_states_linked = False  # type: ignore[attr-defined]
             optimizer._lazy_init_hp_params_optimizer_state()  # type: ignore[attr-defined]
@@ -254,12 +258,13 @@ class DeepSpeed(Engine):
 
         self._link(optimizer)
         inner = optimizer.optimizer  # type: ignore[attr-defined] # the client AdamW over DeepSpeed's flat partitions
-        step = next(iter(inner.state.values()), {}).get("step", torch.tensor(0.0))
+        step = next(iter(inner.state.values()), {}).get("step", 0)
+        step = torch.tensor(float(step), dtype=torch.float32)  # torch AdamW's form (CPU Adam keeps an int)
         state = {}
         for name in [n for g in self.groups for n in g["params"]]:
             p = model.get_parameter(name)
             moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-            state[name] = {"step": step.detach().clone().cpu(), **{k: v.cpu() for k, v in moments.items()}}
+            state[name] = {"step": step.clone(), **{k: v.cpu() for k, v in moments.items()}}
         lr = optimizer.param_groups[0]["lr"]
         return {"state": state, "param_groups": [{**g, "lr": lr} for g in self.groups]}
 
@@ -280,7 +285,27 @@ class DeepSpeed(Engine):
                 safe_set_full_optimizer_state(p, saved[k].to(self.device), k)
             step = saved["step"]
         for s in optimizer.optimizer.state.values():  # type: ignore[attr-defined]
-            s["step"] = step.clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+            count = float(step) if step is not None else 0.0
+            s["step"] = int(count) if isinstance(s["step"], int) else torch.tensor(count, dtype=torch.float32)
+
+
+def cpu_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """ZeRO-Offload steps the optimizer on the CPU copies of the partitions. There DeepSpeed's CPU Adam
+    (a SIMD, multi-threaded C++ op that DeepSpeed compiles once on first use) is several times faster
+    than torch's AdamW; same update (decoupled weight decay, bias correction), same groups. If the op
+    cannot be built (no C++ compiler), torch's AdamW steps the CPU partitions instead, and we say so."""
+    import warnings
+
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        first = optimizer.param_groups[0]
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+        return DeepSpeedCPUAdam(groups, lr=first["lr"], betas=first["betas"], eps=first["eps"], adamw_mode=True)
+    except Exception as e:  # the JIT build of the op: a compiler or header missing
+        message = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+        warnings.warn(f"DeepSpeed's CPU Adam could not be built ({message[0]}): torch's AdamW steps the offloaded state")
+        return optimizer
 
 
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -310,7 +335,7 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
         gradient_accumulation_steps=cfg.accumulation,
         gradient_clipping=cfg.grad_clip,
         bf16={"enabled": dtype == torch.bfloat16},
-        zero_allow_untested_optimizer=True,  # MiniMind's torch AdamW (fused where it can be)
+        zero_allow_untested_optimizer=True,  # MiniMind's torch AdamW (fused where it can be), or CPU Adam
         zero_force_ds_cpu_optimizer=False,
         steps_per_print=config.get("steps_per_print", 10**9),
     )

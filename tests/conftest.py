@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # per worker oversubscribe the cores and made some tests 10x slower.
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
+
+# The venv's tools (ninja, the deepspeed launcher) come first on every subprocess's PATH. DeepSpeed
+# compiles its CPU Adam op once with whichever `ninja` is on PATH; a system ninja of another version
+# discards the other's build log and rebuilds the op (~50 s on 2 cores) every time the two alternate.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 # Tiny shapes that still exercise every feature: GQA, q/k norm, MoE, YaRN.
 TINY = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512)
