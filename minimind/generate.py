@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from minimind import native
@@ -87,20 +88,51 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, u: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids (B,), their log-probs (B,)) from processed logits."""
+    """(token ids (B,), their log-probs (B,)) from processed logits; `u` (B,): the rows' uniforms, else
+    drawn from `generator` (or torch's global one)."""
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    dtype = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
-    u = torch.rand((logits.shape[0],), generator=generator, dtype=dtype, device=logits.device)
+    if u is None:
+        u = torch.rand((logits.shape[0],), generator=generator, dtype=uniform_dtype(logits.device), device=logits.device)
     fast = native.sample_rows(logits, u)  # the same draw in one kernel (x86-64 CPUs)
     if fast is not None:
         return fast
     logp = logits.log_softmax(dim=-1)
     tokens = draw(logp.exp(), u)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def uniform_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic): a bijection whose outputs look random."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_key(*parts: int) -> int:
+    """One 64-bit key from integers (seed, step, row, ...): each part mixed into the last."""
+    x = np.zeros(1, dtype=np.uint64)
+    for part in parts:
+        x = mix(x ^ np.array([part], dtype=np.uint64))
+    return int(x[0])
+
+
+def keyed_uniforms(keys: list[int], steps: int) -> torch.Tensor:
+    """(rows, steps) uniforms in [0, 1) from a counter-based generator: row i's draw at step t is a hash
+    of (keys[i], t) alone, so a row samples the same tokens whichever batch, process or world size it
+    is generated in (RL rollouts under 1 or N processes draw the same completions)."""
+    k = np.array(keys, dtype=np.uint64)[:, None]
+    t = np.arange(steps, dtype=np.uint64)[None, :]
+    bits = mix(mix(k) ^ t) >> np.uint64(11)  # 53 random bits
+    return torch.from_numpy(bits.astype(np.float64) * 2.0**-53)
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -133,8 +165,12 @@ def generate(
     prompts: list[list[int]],
     params: SamplingParams,
     on_token: Callable[[int, int], bool | None] | None = None,
+    keys: list[int] | None = None,
 ) -> GenerateOutput:
     """Continue every prompt; `on_token(row, token_id)` is called as each token is chosen.
+
+    `keys` (one int per prompt) samples each row from its own counter-based stream (`keyed_uniforms`)
+    instead of `params.seed`'s generator: the row's tokens then do not depend on its batch.
 
     `on_token` may return True to end that row after this token (finish reason "stop"): the server
     uses it for stop strings. An exception it raises aborts the whole generation (a cancelled request).
@@ -163,6 +199,11 @@ def generate(
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
+    uniforms = None
+    if keys is not None:
+        if len(keys) != B:
+            raise ConfigError(f"{len(keys)} sampling keys for {B} prompts")
+        uniforms = keyed_uniforms(keys, params.max_new_tokens).to(device, uniform_dtype(device))  # one copy
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
@@ -178,7 +219,8 @@ def generate(
     logits = model(ids, attention_mask=pad_mask if padded else None, cache=cache, logits_to_keep=1).logits[:, -1]
     t_prefill = time.perf_counter()
     for step in range(params.max_new_tokens):
-        tokens, logp = sample(process_logits(logits, params, seen), params, generator)
+        u = uniforms[:, step] if uniforms is not None else None
+        tokens, logp = sample(process_logits(logits, params, seen), params, generator, u)
         tokens = torch.where(done, cfg.pad_token_id, tokens)
         out_tokens[:, step], out_logp[:, step] = tokens, logp
         if seen is not None:

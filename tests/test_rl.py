@@ -312,21 +312,25 @@ def test_spo_under_ddp_keeps_one_tracker_for_all_processes(pipeline, tmp_path):
 SHARDED = {"fsdp": ["--fsdp"], "zero2": ["--zero", "2"], "zero3": ["--zero", "3"]}
 
 
-@pytest.mark.parametrize("stage, sharded", [("grpo", "fsdp"), ("ppo", "fsdp"), ("spo", "fsdp"), ("grpo", "zero3")])
-def test_rl_under_sharded_engines_equals_ddp(pipeline, tmp_path, stage, sharded):
-    """RL over 2 gloo processes: FSDP2 / ZeRO-3 (each process samples from a whole replica gathered
-    once per rollout and trains the sharded policy; PPO's critic sharded beside it) and DDP draw the
-    same rollouts and end with the same policy. (ZeRO-2 samples from its whole weights, as DDP does;
-    it was checked equal once, and its training path is tested on pretraining and SFT.)"""
+@pytest.mark.parametrize("stage, engines", [("grpo", ["fsdp", "zero2", "zero3"]), ("ppo", ["fsdp"]), ("spo", ["fsdp"])])
+def test_rl_under_every_engine_equals_one_process(pipeline, tmp_path, stage, engines):
+    """RL with one global batch of 4 prompts: 1 process x 4 == 2 gloo processes x 2 under DDP, FSDP2 /
+    ZeRO-3 (each process samples from a whole replica gathered once per rollout and trains the sharded
+    policy; PPO's critic sharded beside it) and ZeRO-2 (whole weights, sharded optimizer state). Each
+    completion has its own keyed random stream, so all draw the same rollouts (same rewards and
+    lengths), and they end with the same policy."""
     outs = {}
-    for engine in ("ddp", sharded):
+    for engine in ("one", "ddp", *engines):
         out = tmp_path / engine
-        argv = rl_argv(pipeline, out, "--max-steps", 3, "--lr", 1e-3, "--batch-size", 2, "--device", "cpu")
+        nproc, batch = (1, 4) if engine == "one" else (2, 2)
+        argv = rl_argv(pipeline, out, "--max-steps", 3, "--lr", 1e-3, "--batch-size", batch, "--device", "cpu")
+        argv += ["--reward", "rule:close"]  # a reward that differs between samples (a gradient to compare)
         argv[0] = stage
         if stage != "grpo":  # one completion per prompt
             k = argv.index("--num-generations")
             del argv[k : k + 2]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minimind"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = (cmd if nproc > 1 else [sys.executable]) + ["-m", "minimind"]
         proc = subprocess.run(
             cmd + argv + SHARDED.get(engine, []), capture_output=True, text=True, timeout=600,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -334,17 +338,19 @@ def test_rl_under_sharded_engines_equals_ddp(pipeline, tmp_path, stage, sharded)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         outs[engine] = out
     metrics = {e: [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for e, o in outs.items()}
-    assert len(metrics["ddp"]) == len(metrics[sharded]) == 3
-    for a, b in zip(metrics["ddp"], metrics[sharded]):
-        assert a["reward"] == b["reward"] and a["length"] == b["length"]  # the same rollouts
-        assert abs(a["loss"] - b["loss"]) < 1e-4
-    a, b = (load_file(str(o / "model.safetensors")) for o in outs.values())
     start = load_file(str(pipeline["sft"] / "model.safetensors"))
+    a = load_file(str(outs["one"] / "model.safetensors"))
     assert any(not torch.equal(a[k], start[k]) for k in start)
-    for k in a:
-        # Adam turns a last-bit difference of a near-zero gradient (another reduction order) into a
-        # visible one: ZeRO-3 left 1 weight in 16,384 2.4e-5 away from DDP after 3 steps at lr 1e-3.
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
+    for engine in ("ddp", *engines):
+        assert len(metrics["one"]) == len(metrics[engine]) == 3
+        for x, y in zip(metrics["one"], metrics[engine]):
+            assert x["length"] == y["length"], engine  # the same rollouts
+            assert abs(x["reward"] - y["reward"]) < 1e-9 and abs(x["loss"] - y["loss"]) < 1e-4, engine
+        b = load_file(str(outs[engine] / "model.safetensors"))
+        for k in a:
+            # Adam turns a last-bit difference of a near-zero gradient (another reduction order) into a
+            # visible one: ZeRO-3 left 1 weight in 16,384 2.4e-5 away from DDP after 3 steps at lr 1e-3.
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=f"{engine} {k}")
 
 
 def test_grpo_under_zero3_resumes_exactly(pipeline, tmp_path):

@@ -5,7 +5,8 @@ One rollout feeds `ppo_epochs` optimizer steps:
     prompts (each process its slice of a seeded global draw, as the engine draws rows)
     -> G completions per prompt from the shared sampling engine (batched, KV cache, positions from the
        padding mask), sampled at temperature T from the *full* distribution: no top-k / top-p, so the
-       training side recomputes exactly the distribution that was sampled from (softmax(logits / T))
+       training side recomputes exactly the distribution that was sampled from (softmax(logits / T));
+       each completion from its own keyed random stream, so the world size does not change the draw
     -> rewards (`--reward SPEC`) -> advantages (the stage's rule: group-relative, tracked baseline, ...)
     -> micro-batches of right-padded prompt + completion rows; labels are the completion tokens up to
        and including the first EOS; reference log-probs once (when beta > 0); the policy's own
@@ -34,7 +35,7 @@ from minimind.data.packing import IGNORE, Batch, Sampler
 from minimind.data.prompts import Prompt, encode_prompt, reply_prefix
 from minimind.engine import autocast
 from minimind.errors import ConfigError
-from minimind.generate import SamplingParams, generate
+from minimind.generate import SamplingParams, generate, row_key
 from minimind.losses import entropy_from_logits, policy_loss
 from minimind.rl.rewards import RewardFn, Rewards
 from minimind.tokenizer import Tokenizer
@@ -283,9 +284,14 @@ class RolloutSource:
         model.eval()
         t0 = time.perf_counter()
         completions: list[list[int]] = []
+        # Completion j of process r is completion r * len(each) + j of the step's global draw; its tokens
+        # come from its own random stream (a key of seed, step and that index), so 1 process and N
+        # processes with the same global batch sample the same completions.
+        keys = [row_key(self.cfg.seed, t.step, t.rank * len(each) + j) for j in range(len(each))]
         for start in range(0, len(each), B * G):  # one generate call per micro-batch
+            rows = slice(start, start + B * G)
             with autocast(t.device, t.dtype):
-                out = generate(model, [self.prompt_ids[i] for i in each[start : start + B * G]], params)
+                out = generate(model, [self.prompt_ids[i] for i in each[rows]], params, keys=keys[rows])
             completions += [g.tokens for g in out.generations]
         gen_s = time.perf_counter() - t0
         model.train()

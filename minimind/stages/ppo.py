@@ -6,7 +6,7 @@ models:  actor (--from); critic, a value head on our model (--critic RUN_DIR fro
 rollout: sample and score (minimind/rl/rollout.py), then per token
              r_t = -kl (log pi_old(y_t) - log pi_ref(y_t)) + [t = last real token] score
              V_t = critic(prefix through t)      GAE(gamma, lambda) -> A_t, R_t = A_t + V_t
-         advantages whitened over the whole rollout's tokens
+         advantages whitened over the whole rollout's tokens (of every process: the global batch)
 loss:    clipped policy loss, token mean (`policy_loss(kind="ppo")`) + vf_coef x clipped value loss
              L_V = 0.5 max((V - R)^2, (V_old + clip(V - V_old, +-value_clip) - R)^2)
          --minibatches slices x --ppo-epochs optimizer steps per rollout; the rest of a rollout is
@@ -18,6 +18,7 @@ saved:   the actor as the run directory; the critic as RUN/critic/ (a reward-mod
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,8 @@ class PPOState:
             kl_pen.append(((on.old_logp - ref) * mask).sum() / mask.sum().clamp(min=1))  # read once, below
             values.append(v.sum() / mask.sum().clamp(min=1))
             start += n
-        # Whiten over every token of the rollout (not per micro-batch).
-        flat = torch.cat([a[m] for a, m in zip(advs, masks)])
-        white = whiten(flat[None], torch.ones_like(flat)[None])[0]
+        # Whiten over every token of the rollout (not per micro-batch), on all processes together.
+        white = whiten_global(torch.cat([a[m] for a, m in zip(advs, masks)]), t.world, t.device)
         at = 0
         for b, a, m in zip(batches, advs, masks):
             k = int(m.sum())
@@ -183,6 +183,21 @@ class PPOCheckpoint(RunCheckpoint):
     def load(self, trainer: Any, folder: Path) -> None:
         load_weights(trainer.model.actor, folder / WEIGHTS)
         load_weights(trainer.model.critic, folder / CRITIC / WEIGHTS)
+
+
+def whiten_global(x: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """`whiten` over the tokens of the global batch: mean and Bessel-corrected variance from the sums
+    of every process (float64), so N processes whiten as one process with the same global batch."""
+    if world == 1:
+        return whiten(x[None], torch.ones_like(x)[None])[0]
+    x64 = x.double()
+    sums = torch.stack([torch.tensor(float(len(x)), dtype=torch.float64), x64.sum(), (x64 * x64).sum()])
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    n, total, squares = sums.cpu().tolist()
+    mean = total / max(n, 1)
+    var = max(squares - n * mean * mean, 0.0) / max(n - 1, 1)
+    return ((x64 - mean) / math.sqrt(var + 1e-8)).float()
 
 
 def make_critic(actor: nn.Module, opts: PPOOptions, cfg: TrainConfig) -> RewardModel:
