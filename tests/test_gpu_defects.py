@@ -40,7 +40,7 @@ def fake_trainer(model, tok, device="cpu", batch_size=2):
     cfg = SimpleNamespace(seed=0, batch_size=batch_size, accumulation=1)
     return SimpleNamespace(
         model=model, train_model=model, tokenizer=tok, device=torch.device(device), dtype=torch.float32,
-        cfg=cfg, world=1, rank=0, sampling_model=lambda: model,
+        cfg=cfg, world=1, rank=0, step=0, sampling_model=lambda: model,
     )  # fmt: skip
 
 
