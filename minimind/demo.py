@@ -271,7 +271,7 @@ def distillation(out: Path, files: dict[str, Path], args: Any) -> None:
     from minimind.data.packing import PackedRows
     from minimind.data.tokens import tokenize_files
     from minimind.engine import evaluate_loss
-    from minimind.stages.distill import describe, evaluate_kd, load_teacher
+    from minimind.teacher import describe_kd, evaluate_kd, load_teacher
 
     section("12. knowledge distillation: a 6x smaller student on 100 documents, teacher vs data alone")
     few = out / "data" / "pretrain_100.jsonl"
@@ -287,7 +287,7 @@ def distillation(out: Path, files: dict[str, Path], args: Any) -> None:
             "--data", few, "--out", out / f"student-{name}", "--alpha", alpha, "--temperature", 1, "--lr", 3e-3,
             "--max-steps", args.distill_steps, "--accumulation", 1, *common_flags(out, args))  # fmt: skip
         student = load_run(out / f"student-{name}").model
-        measured = describe(evaluate_kd(student, teacher, rows))
+        measured = describe_kd(evaluate_kd(student, teacher, rows))
         print(f"   {name} ({student.num_params() / 1e6:.2f}M): held-out {measured}")
 
 

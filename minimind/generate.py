@@ -96,7 +96,8 @@ def sample(
         tokens = logits.argmax(dim=-1)
         return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     if u is None:
-        u = torch.rand((logits.shape[0],), generator=generator, dtype=uniform_dtype(logits.device), device=logits.device)
+        dtype = uniform_dtype(logits.device)
+        u = torch.rand((logits.shape[0],), generator=generator, dtype=dtype, device=logits.device)
     fast = native.sample_rows(logits, u)  # the same draw in one kernel (x86-64 CPUs)
     if fast is not None:
         return fast

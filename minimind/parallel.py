@@ -304,7 +304,10 @@ def cpu_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return DeepSpeedCPUAdam(groups, lr=first["lr"], betas=first["betas"], eps=first["eps"], adamw_mode=True)
     except Exception as e:  # the JIT build of the op: a compiler or header missing
         message = str(e).strip().splitlines()[-1:] or [type(e).__name__]
-        warnings.warn(f"DeepSpeed's CPU Adam could not be built ({message[0]}): torch's AdamW steps the offloaded state")
+        warnings.warn(
+            f"DeepSpeed's CPU Adam could not be built ({message[0]}): torch's AdamW steps the offloaded state",
+            stacklevel=2,
+        )
         return optimizer
 
 

@@ -14,7 +14,7 @@ out, argv = sys.argv[1], sys.argv[2:]
 if argv[0] == "spo":
     trainer, _ = spo.prepare(build_parser("spo").parse_args(argv))
 else:
-    trainer, _ = grpo.prepare_rl(build_parser("grpo").parse_args(argv), "grpo", grpo.RLOptions(), grpo.group_relative)
+    trainer, _ = grpo.prepare(build_parser("grpo").parse_args(argv))
 drawn = []
 draw = trainer.source.draw
 trainer.source.draw = lambda: drawn.append(draw().tolist()) or drawn[-1]

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import _run_cli, sharp_model
 from safetensors.torch import load_file
 from torch import nn
 
+from minimind import teacher as teachers
 from minimind.checkpoint import init_run, load_run
 from minimind.cli import build_parser
 from minimind.data.chat import ChatRows, tokenize_conversations
@@ -25,7 +27,6 @@ from minimind.data.packing import IGNORE
 from minimind.errors import ConfigError, DataError
 from minimind.losses import kd_kl_sum
 from minimind.stages import distill
-from tests.conftest import _run_cli, sharp_model
 
 STUDENT = ["--preset", "tiny", "--hidden-size", 64, "--num-layers", 2]  # 0.16M params beside the 0.9M teachers
 
@@ -182,9 +183,9 @@ def test_kd_pulls_the_student_to_its_teacher_faster_than_ce_alone(pipeline, tmp_
             "--max-steps", 60, "--lr", 5e-3, "--warmup-steps", 3,
         )  # fmt: skip
         trainer, held, loss = distill.prepare(args)
-        before[alpha] = distill.evaluate_kd(trainer.model, loss.teacher, held)
+        before[alpha] = teachers.evaluate_kd(trainer.model, loss.teacher, held)
         trainer.fit()
-        after[alpha] = distill.evaluate_kd(trainer.model, loss.teacher, held)
+        after[alpha] = teachers.evaluate_kd(trainer.model, loss.teacher, held)
         logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         last = logged[-1]  # the logged loss is alpha ce + (1 - alpha) kl, each per trained token
         assert last["loss"] == pytest.approx(alpha * last["ce"] + (1 - alpha) * last["kl"], rel=1e-4, abs=1e-5)
@@ -325,11 +326,11 @@ def test_hf_teacher_matches_its_run_and_distils(pipeline, tmp_path):
     folder = tmp_path / "hf"
     llama.save_pretrained(folder)
     run.tokenizer.save(folder)
-    teacher, tok = distill.load_teacher(f"hf:{folder}")
-    assert isinstance(teacher, distill.HFTeacher) and teacher.vocab_size == V + 64
+    teacher, tok = teachers.load_teacher(f"hf:{folder}")
+    assert isinstance(teacher, teachers.HFTeacher) and teacher.vocab_size == V + 64
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert tok.backend.get_vocab(True) == run.tokenizer.backend.get_vocab(True)
-    plain, _ = distill.load_teacher(str(folder))  # a Llama folder is also a MiniMind run (export format)
+    plain, _ = teachers.load_teacher(str(folder))  # a Llama folder is also a MiniMind run (export format)
     assert plain.cfg.vocab_size == V + 64
     data = tokenize_conversations([pipeline["files"]["sft_heldout"]], tok, 128, tmp_path / "cache")
     batch = ChatRows(data, 128, True, tok.pad_id).batch(np.arange(4))
@@ -382,9 +383,9 @@ def test_smollm2_teaches_a_tiny_student(tmp_path):
     )  # fmt: skip
     trainer, held, loss = distill.prepare(args)
     assert loss.teacher.vocab_size == trainer.model.cfg.vocab_size == 49152
-    before = distill.evaluate_kd(trainer.model, loss.teacher, held)
+    before = teachers.evaluate_kd(trainer.model, loss.teacher, held)
     trainer.fit()
-    after = distill.evaluate_kd(trainer.model, loss.teacher, held)
+    after = teachers.evaluate_kd(trainer.model, loss.teacher, held)
     print(f"SmolLM2-135M -> {trainer.model.num_params() / 1e6:.2f}M student: held-out KL {before['kl']:.3f} -> "
           f"{after['kl']:.3f}, CE {before['ce']:.3f} -> {after['ce']:.3f}")  # fmt: skip
     assert after["kl"] < 0.6 * before["kl"] and after["ce"] < before["ce"], (before, after)

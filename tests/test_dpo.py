@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import _run_cli, sharp_model
 from safetensors.torch import load_file
 
 from minimind.cli import build_parser
@@ -16,7 +17,6 @@ from minimind.data.preference import PairRows, read_preferences
 from minimind.errors import DataError
 from minimind.losses import dpo_loss
 from minimind.stages import dpo
-from tests.conftest import _run_cli, sharp_model
 
 Q, A = [{"role": "user", "content": "Where does Mia live?"}], "Mia lives in Oakvale."
 

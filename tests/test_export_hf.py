@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import sharp_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -14,7 +15,6 @@ from minimind.checkpoint import Run, load_run
 from minimind.cli import main
 from minimind.errors import CheckpointError, ConfigError
 from minimind.export.hf import GRANITE, LLAMA, QWEN3, QWEN3_MOE, export_hf, hf_tensors
-from tests.conftest import sharp_model
 
 transformers = pytest.importorskip("transformers")
 

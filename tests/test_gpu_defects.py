@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import sharp_model, tiny_config
 
 from minimind.checkpoint import save_run
 from minimind.data.packing import IGNORE
@@ -19,7 +20,6 @@ from minimind.reward_model import RewardModel
 from minimind.rl import rewards
 from minimind.rl.rewards import parse_reward
 from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutSource, completion_rows, token_logps
-from tests.conftest import sharp_model, tiny_config
 
 # ---- rollout rows and the RoPE table --------------------------------------------------------------
 

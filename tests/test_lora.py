@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import _run_cli, sharp_model
 from safetensors.torch import load_file
 
 from minimind.checkpoint import load_run
@@ -14,7 +15,6 @@ from minimind.data.chat import ChatRows, iter_conversations, tokenize_conversati
 from minimind.engine import evaluate_loss
 from minimind.errors import CheckpointError, ConfigError
 from minimind.lora import LoRAConfig, inject, load_adapter, merge
-from tests.conftest import _run_cli, sharp_model
 
 
 def test_fresh_adapter_is_identity_and_merge_is_exact():

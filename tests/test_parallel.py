@@ -169,7 +169,8 @@ def test_the_deepspeed_launcher_runs_a_stage_with_offload_and_resumes_exactly(se
     argv = lambda out, *extra: pretrain(setup, tokenizer_dir, tmp_path / out, "--batch-size", 2, "--accumulation", 2,
                                         *extra, "--deepspeed", config)  # fmt: skip
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", "29611", "--module", "minimind", *map(str, argv("ds", "--max-steps", 4))],
+        [launcher, "--num_gpus", "2", "--master_port", "29611", "--module", "minimind"]
+        + [str(a) for a in argv("ds", "--max-steps", 4)],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
@@ -181,7 +182,8 @@ def test_the_deepspeed_launcher_runs_a_stage_with_offload_and_resumes_exactly(se
     run(argv("cut", "--max-steps", 2, "--save-every", 2), nproc=2)
     resume = ["pretrain", "--resume", "--data", setup[0]["pretrain"], "--out", tmp_path / "cut", "--max-steps", 4]
     run(resume + ["--device", "cpu", "--deepspeed", config], nproc=2)
-    straight, resumed = load_file(tmp_path / "ds" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    straight = load_file(tmp_path / "ds" / "model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "offload resume is not exact"
 
 

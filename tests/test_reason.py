@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import _run_cli, sharp_model
 from safetensors.torch import load_file
 
 from minimind.cli import build_parser
@@ -17,7 +18,6 @@ from minimind.data.chat import ChatRows, tokenize_conversations
 from minimind.data.packing import IGNORE
 from minimind.errors import ConfigError, DataError
 from minimind.stages import reason
-from tests.conftest import _run_cli, sharp_model
 
 TRACE = "<think>\n2 + 3 = 5.\n</think>\n<answer>\n5\n</answer>"
 

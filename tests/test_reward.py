@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import _run_cli, sharp_model
 from safetensors.torch import load_file
 
 from minimind.checkpoint import load_run
@@ -16,7 +17,6 @@ from minimind.errors import CheckpointError, ConfigError
 from minimind.model import MiniMind
 from minimind.reward_model import RewardModel, load_reward_model, score
 from minimind.stages import reward
-from tests.conftest import _run_cli, sharp_model
 
 
 def accuracy(model, tok, pairs) -> float:

@@ -8,6 +8,7 @@ import doctest
 
 import pytest
 import torch
+from conftest import tiny_config
 
 import minimind.rl.rewards as rewards
 from minimind.checkpoint import save_run
@@ -25,7 +26,6 @@ from minimind.rl.rewards import (
     parse_reward,
     repetition_penalty,
 )
-from tests.conftest import tiny_config
 
 
 def ask(question: str, answer: str | None = None, where: str = "rl.jsonl:1") -> Prompt:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import _run_cli, sharp_model
 from safetensors.torch import load_file
 
 from minimind.cli import build_parser
@@ -21,7 +22,6 @@ from minimind.errors import ConfigError
 from minimind.generate import SamplingParams, generate
 from minimind.rl.rollout import completion_rows, token_logps
 from minimind.stages import grpo
-from tests.conftest import _run_cli, sharp_model
 
 
 def test_rollout_logprobs_are_the_training_logprobs_of_what_was_sampled():
@@ -63,8 +63,7 @@ def rl_argv(pipeline, out, *extra) -> list[str]:
 
 
 def prepare(pipeline, out, *extra):
-    return grpo.prepare_rl(build_parser("grpo").parse_args(rl_argv(pipeline, out, *extra)), "grpo",
-                           grpo.RLOptions(), grpo.group_relative)  # fmt: skip
+    return grpo.prepare(build_parser("grpo").parse_args(rl_argv(pipeline, out, *extra)))
 
 
 def take_metrics(trainer) -> dict[str, float]:
@@ -113,7 +112,7 @@ def test_bad_options_are_refused(pipeline, tmp_path):
     with pytest.raises(ConfigError, match="--reward SPEC is required"):
         argv = ["grpo", "--from", pipeline["sft"], "--data", pipeline["files"]["rl"], "--out", tmp_path / "a"]
         args = build_parser("grpo").parse_args([str(a) for a in argv])
-        grpo.prepare_rl(args, "grpo", grpo.RLOptions(), grpo.group_relative)
+        grpo.prepare(args)
     with pytest.raises(ConfigError, match="at least 2 for GRPO"):
         prepare(pipeline, tmp_path / "b", "--num-generations", 1)
     with pytest.raises(ConfigError, match="--temperature must be > 0"):
@@ -282,7 +281,7 @@ def test_each_rl_stage_raises_the_mean_reward(pipeline, tmp_path, stage, monkeyp
 
 
 def prepare_grpo(args):
-    return grpo.prepare_rl(args, "grpo", grpo.RLOptions(), grpo.group_relative)
+    return grpo.prepare(args)
 
 
 def test_spo_under_ddp_keeps_one_tracker_for_all_processes(pipeline, tmp_path):

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import _run_cli, sharp_model
 
 from minimind.data.chat import ChatRows, encode_conversations, render, tokenize_conversations
 from minimind.data.packing import IGNORE
 from minimind.engine import lm_loss
 from minimind.errors import DataError
-from tests.conftest import _run_cli, sharp_model
 
 CONV = [
     {"role": "system", "content": "You are terse."},

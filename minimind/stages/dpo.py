@@ -17,47 +17,32 @@ metrics: reward margin beta h, reward accuracy (share of pairs with h > 0), chos
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from minimind.config import TrainConfig, _parse_bool
+from minimind.config import _parse_bool
 from minimind.data.packing import IGNORE
-from minimind.data.preference import FORMS, PairBatch, PairRows, read_preferences
-from minimind.engine import Trainer, autocast
+from minimind.data.preference import FORMS, PairBatch, PairRows
+from minimind.engine import Trainer
 from minimind.errors import ConfigError
 from minimind.losses import dpo_loss, sequence_logprobs
+from minimind.stages.common import DPO_DEFAULT_LR as DEFAULT_LR
 from minimind.stages.common import (
+    DPO_DEFAULTS,
+    DPO_LR,
     add_stage_arguments,
     fit_and_report,
+    pair_rows,
+    per_pair,
     reference_model,
+    stage_defaults,
     stage_info,
     stage_options,
     start_from,
 )
-from minimind.stages.sft import stage_defaults
-from minimind.tokenizer import Tokenizer
 
-# Default DPO learning rate by preset. Upstream uses 4e-8 (trainer/train_dpo.py): the loss stays at
-# log 2 = 0.693 (measured: 0.692 after 40 steps on minimind2-small). tiny and minimind2-small are
-# measured on the demo pairs, the larger presets scaled down from them. README.md has the table.
-DPO_LR = {
-    "tiny": 1e-4,
-    "tiny-moe": 1e-4,
-    "minimind2-small": 1e-6,
-    "minimind2": 5e-7,
-    "minimind2-moe": 5e-7,
-    "minimind3": 5e-7,
-    "minimind3-moe": 5e-7,
-}
-DEFAULT_LR = 5e-7
-# Upstream: batch 4 pairs, 1 epoch, max_seq_len 1024. Rows are padded per batch, so a long
-# max_seq_len costs nothing for short pairs.
-DPO_DEFAULTS = {"batch_size": 8, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024}
 # Options of the DPO loss; recorded in run.json so that --resume continues with the same ones.
 OPTIONS = {"beta": 0.1, "loss": "sigmoid", "length_norm": False, "precompute_ref": False, "nll_weight": 0.0}
 
@@ -149,30 +134,6 @@ class DPOLoss:
         return loss.sum(), aux, metrics
 
 
-@torch.no_grad()
-def per_pair(
-    value: Callable[[nn.Module, PairBatch], torch.Tensor],
-    model: nn.Module,
-    rows: PairRows,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    batch_size: int = 16,
-) -> torch.Tensor:
-    """(rows, 2): value(model, batch) of each pair's chosen and rejected side, with `model` in eval mode
-    and the engine's autocast (DPO: reference log-probs; reward model: scores)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows.batch(np.arange(start, min(len(rows), start + batch_size))).to(device)
-        with autocast(device, dtype):
-            v = value(model, batch)
-        B = batch.pairs
-        out.append(torch.stack([v[:B], v[B:]], 1).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
 def pair_logps(
     model: nn.Module, rows: PairRows, length_norm: bool, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -199,15 +160,6 @@ def describe(m: dict) -> str:
         else "rewards all 0 (policy = reference)"
     )
     return f"DPO loss {m['loss']:.4f}, {rewards}, chosen likelier than rejected {m['prefers_chosen']:.0%}"
-
-
-def pair_rows(paths: list[str], tok: Tokenizer, cfg: TrainConfig, shifted: bool, name: str = "data") -> PairRows:
-    """Rows of the pairs in `paths`, after printing what was read (DPO cuts replies, RM drops)."""
-    data = read_preferences(paths, tok, cfg.max_seq_len + shifted, shifted, cfg.skip_bad_lines, cfg.cache_dir or None)
-    print(f"{name}: {data.report()}")
-    for message in data.skipped[:5]:
-        print(f"  skipped {message}", file=sys.stderr)
-    return PairRows(data, cfg.max_seq_len, tok.pad_id, shifted)
 
 
 def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:

@@ -31,8 +31,15 @@ from minimind.lora import (
     read_adapter_config,
     save_adapter,
 )
-from minimind.stages.common import add_stage_arguments, stage_options, train
-from minimind.stages.sft import SFT_DEFAULTS, add_conversation_arguments, conversation_rows, stage_defaults
+from minimind.stages.common import (
+    SFT_DEFAULTS,
+    add_conversation_arguments,
+    add_stage_arguments,
+    conversation_rows,
+    stage_defaults,
+    stage_options,
+    train,
+)
 
 # Upstream's LoRA learning rate is 1e-4 (trainer/train_lora.py); the tiny demo model needs more.
 LORA_LR = {"tiny": 2e-3, "tiny-moe": 2e-3}

@@ -36,7 +36,7 @@ from minimind.losses import gae, token_rewards, value_loss, whiten
 from minimind.reward_model import RewardModel, load_reward_model, token_values
 from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutBatch, RolloutSource
 from minimind.stages.common import fit_and_report
-from minimind.stages.grpo import FLAGS, add_rl_arguments, prepare_rl
+from minimind.stages.rl_common import FLAGS, add_rl_arguments, prepare_rl
 
 CRITIC = "critic"
 

@@ -27,15 +27,19 @@ from minimind.data.packing import IGNORE, Batch
 from minimind.engine import Trainer, evaluate_loss
 from minimind.errors import ConfigError, DataError
 from minimind.losses import weighted_token_cross_entropy_sum
-from minimind.stages.common import add_stage_arguments, fit_and_report, stage_info, stage_options, start_from
-from minimind.stages.sft import (
-    DEFAULT_LR,
+from minimind.stages.common import SFT_DEFAULT_LR as DEFAULT_LR
+from minimind.stages.common import (
     SFT_DEFAULTS,
     SFT_LR,
     add_conversation_arguments,
+    add_stage_arguments,
     conversation_rows,
+    fit_and_report,
     show_masks,
     stage_defaults,
+    stage_info,
+    stage_options,
+    start_from,
 )
 from minimind.tokenizer import TAGS as SPECIAL_TAGS
 from minimind.tokenizer import Tokenizer

@@ -27,9 +27,16 @@ from minimind.engine import Trainer
 from minimind.errors import ConfigError
 from minimind.losses import bradley_terry_loss
 from minimind.reward_model import RewardModel, load_reward_model
-from minimind.stages.common import add_stage_arguments, fit_and_report, stage_options, start_from
-from minimind.stages.dpo import DPO_DEFAULTS, pair_rows, per_pair
-from minimind.stages.sft import stage_defaults
+from minimind.stages.common import (
+    DPO_DEFAULTS,
+    add_stage_arguments,
+    fit_and_report,
+    pair_rows,
+    per_pair,
+    stage_defaults,
+    stage_options,
+    start_from,
+)
 
 # Upstream trains no reward model (its RL stages score with an external InternLM2 reward model), so
 # these are ours: tiny measured on the demo data (README.md), the rest the usual full fine-tuning scale.

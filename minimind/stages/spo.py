@@ -31,7 +31,7 @@ from minimind.losses import k3_kl
 from minimind.rl.rollout import RLOptions, RolloutSource, token_logps
 from minimind.rl.spo import ValueTracker, spo_advantages
 from minimind.stages.common import fit_and_report
-from minimind.stages.grpo import FLAGS, add_rl_arguments, prepare_rl
+from minimind.stages.rl_common import FLAGS, add_rl_arguments, prepare_rl
 
 SPO_FLAGS = {k: v for k, v in FLAGS.items() if k != "num_generations"}
 

@@ -1,0 +1,124 @@
+"""What the RL stages (GRPO, PPO, SPO) share: their defaults, flags and options, and `prepare_rl`,
+which sets up the engine for one: prompts, reward, reference model and the rollout source
+(minimind/rl/rollout.py). A stage passes what is its own: its options' defaults, its advantage rule,
+its state beside the rollout (SPO's tracker, PPO's critic) and its model setup.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minimind.config import TrainConfig, _parse_bool
+from minimind.data.prompts import encode_prompt, read_prompts
+from minimind.engine import Trainer
+from minimind.errors import ConfigError, DataError
+from minimind.rl.rewards import parse_reward
+from minimind.rl.rollout import (
+    PolicyLoss,
+    RLOptions,
+    RolloutSource,
+    describe_rewards,
+    held_out_rewards,
+    policy_of,
+)
+from minimind.stages.common import (
+    DPO_DEFAULT_LR,
+    DPO_LR,
+    add_stage_arguments,
+    reference_model,
+    stage_defaults,
+    stage_info,
+    stage_options,
+    start_from,
+)
+
+# Default learning rate by preset: DPO's table (the same values measured as moving a policy without
+# wrecking it; upstream's GRPO uses 8e-8). README.md has the table.
+RL_LR, DEFAULT_LR = DPO_LR, DPO_DEFAULT_LR
+# batch_size = prompts per micro-batch (each sampled G times); accumulation micro-batches per rollout.
+RL_DEFAULTS = {"batch_size": 4, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024}
+FLAGS = {  # RLOptions field -> flag help
+    "reward": "reward spec, e.g. rule:math, rule:math+0.2*rule:format, rm:RUN_DIR, hf:PATH",
+    "num_generations": "completions sampled per prompt (G)",
+    "max_new_tokens": "longest completion",
+    "temperature": "sampling temperature (full distribution: no top-k/top-p in RL)",
+    "beta": "weight of the k3 KL to the reference (0: no reference model)",
+    "clip": "ratio clip epsilon",
+    "clip_high": "upper clip epsilon (DAPO's clip-higher; 0: same as --clip)",
+    "loss": "grpo | dr_grpo | cispo",
+    "ppo_epochs": "optimizer steps on each rollout",
+    "eval_tokens": "reply length of the held-out check (0: --max-new-tokens)",
+    "eval_samples": "replies sampled per held-out prompt (as in training) besides the greedy one",
+}
+
+
+def add_rl_arguments(p: Any, data_help: str, defaults: RLOptions, flags: dict[str, str]) -> None:
+    """Every RL stage's flags: the engine's, --ref, --think/--no-think and its RLOptions fields."""
+    add_stage_arguments(p, data_help)
+    g = p.add_argument_group("reinforcement learning")
+    for name, help_text in flags.items():
+        default = getattr(defaults, name)
+        kind = type(default) if default is not None else str
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=kind.__name__.upper(),
+                       help=f"{help_text} (default {default})")  # fmt: skip
+    g.add_argument("--ref", metavar="RUN_DIR", help="the frozen reference model (default: the --from run)")
+    g.add_argument("--think", dest="think", type=_parse_bool, nargs="?", const=True, help="open a <think> block")
+    g.add_argument("--no-think", dest="think", action="store_const", const=False, help="answer without thinking")
+
+
+def rl_options(args: Any, run_info: dict, resume: bool, defaults: RLOptions) -> RLOptions:
+    """Defaults < (with --resume) the options the run was started with < flags."""
+    values = {**vars(defaults), **(run_info.get("rl", {}) if resume else {})}
+    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+    opts = type(defaults)(**values)
+    opts.validate()
+    return opts
+
+
+def policy_setup(run: Any, opts: RLOptions, cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """(model to train, loss, checkpoint) of the GRPO family: the policy alone, PolicyLoss, a run."""
+    if opts.loss not in ("grpo", "dr_grpo", "cispo"):
+        raise ConfigError(f"--loss {opts.loss!r}: one of grpo, dr_grpo, cispo")
+    return run.model, PolicyLoss(opts), None
+
+
+def prepare_rl(
+    args: Any, stage: str, defaults: RLOptions, advantages: Any, stage_state: Any = None, setup: Any = policy_setup
+):
+    """The engine set up for an RL stage: options, prompts, reward, reference, rollout source.
+    `setup(run, opts, cfg)` gives the model to train, its loss and checkpoint (PPO: actor + critic)."""
+    cfg: TrainConfig = stage_options(
+        args, lambda given: {**RL_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, RL_LR, DEFAULT_LR)}
+    )
+    run = start_from(cfg, args.parent)
+    opts = rl_options(args, run.info, cfg.resume, defaults)
+    model, loss, checkpoint = setup(run, opts, cfg)
+    tok = run.tokenizer
+    prompts = read_prompts(args.data, cfg.skip_bad_lines)
+    reward = parse_reward(opts.reward)  # checked now; RolloutSource binds it to the trainer's device
+    reward.check(prompts)
+    room = min(cfg.max_seq_len, run.cfg.max_position_embeddings) - opts.max_new_tokens
+    ids = [encode_prompt(tok, p, opts.think) for p in prompts]
+    keep = [i for i, x in enumerate(ids) if len(x) <= room]
+    if not keep:
+        raise DataError(f"{args.data[0]}: no prompt fits in {room} tokens (max_seq_len - max_new_tokens)")
+    dropped = len(prompts) - len(keep)
+    prompts, ids = [prompts[i] for i in keep], [ids[i] for i in keep]
+    print(f"data: {len(prompts):,} prompts" + (f", {dropped:,} longer than {room} tokens dropped" if dropped else ""))
+    held = read_prompts(args.eval_data) if args.eval_data else None
+    ref_dir = args.ref or (run.info.get("reference") if cfg.resume else None)
+    info = stage_info(stage, cfg, run, args, rl=vars(opts))
+    info["reference"] = ref_dir or info["parent"]
+    uses_reference = opts.beta > 0 or getattr(opts, "kl", 0) > 0
+    reference = reference_model(run.model, tok, ref_dir) if uses_reference else None
+    source = lambda t: RolloutSource(t, prompts, ids, reward, opts, advantages(opts), reference, stage_state)
+    trainer = Trainer(cfg, model.train(), tok, prompts, info, loss, checkpoint, source=source)  # type: ignore[arg-type]
+    check = None
+    if held is not None:
+        reward.check(held)
+
+        def check() -> str:
+            m = held_out_rewards(policy_of(trainer.sampling_model()), tok, held, reward, opts, opts.eval_samples)
+            return describe_rewards(m, opts, len(held))
+
+    return trainer, check
