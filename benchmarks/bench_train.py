@@ -82,7 +82,8 @@ def decode(args: argparse.Namespace, run_dir: Path) -> dict:
     import torch
 
     from minimind.checkpoint import load_run
-    from minimind.generate import SamplingParams, generate, resolve_device
+    from minimind.generate import SamplingParams, generate
+    from minimind.inference import resolve_device
 
     run = load_run(run_dir, device=resolve_device(args.device))
     if args.dtype == "bfloat16" or (args.dtype == "auto" and run.model.embed_tokens.weight.is_cuda):

@@ -16,15 +16,8 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from minimind.errors import ConfigError
-from minimind.generate import (
-    GenerateOutput,
-    SamplingParams,
-    add_sampling_arguments,
-    generate,
-    resolve_device,
-    rope_overrides,
-    sampling_params,
-)
+from minimind.generate import GenerateOutput, SamplingParams, generate
+from minimind.inference import add_sampling_arguments, resolve_device, rope_overrides, sampling_params
 from minimind.model import MiniMind
 from minimind.tokenizer import StreamDecoder, Tokenizer
 

@@ -26,11 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,46 +34,25 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minimind import __version__
+from minimind import __version__, fileio
 from minimind.config import ModelConfig
 from minimind.errors import CheckpointError
+from minimind.fileio import atomic_write, atomic_write_text
 from minimind.model import MiniMind
+from minimind.rundir import (  # noqa: F401 (the run format's names, imported from here across the package)
+    CHECKPOINTS,
+    CONFIG,
+    FORMAT_VERSION,
+    LATEST,
+    RUN_INFO,
+    TEXT_STAGES,
+    WEIGHTS,
+    Run,
+    git_commit,
+    load_tensors,
+    weight_names,
+)
 from minimind.tokenizer import Tokenizer
-
-WEIGHTS, CONFIG, RUN_INFO = "model.safetensors", "config.json", "run.json"
-CHECKPOINTS, LATEST = "checkpoints", "latest"
-FORMAT_VERSION = 1
-
-
-def write_point(what: str) -> None:
-    """Called just before each change a checkpoint save makes on disk (a rename, a link, a removal).
-    Does nothing; the fault-injection tests replace it to kill a save at every one of these points."""
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        write_point(f"rename {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -99,7 +74,7 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path | None:
     if path == latest_checkpoint(run_dir):
         return None
     if path.exists():
-        write_point(f"clear {path}")
+        fileio.write_point(f"clear {path}")
         shutil.rmtree(path)
     return path
 
@@ -121,20 +96,12 @@ def publish_checkpoint(run_dir: str | Path, folder: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        write_point(f"publish {dst}")
+        fileio.write_point(f"publish {dst}")
         os.replace(tmp, dst)
     for old in (run_dir / CHECKPOINTS).iterdir():
         if old.is_dir() and old.name != folder.name:
-            write_point(f"remove {old}")
+            fileio.write_point(f"remove {old}")
             shutil.rmtree(old)
-
-
-def weight_names(model: MiniMind) -> list[str]:
-    """State-dict keys as stored on disk: the tied LM head is the embedding, stored once."""
-    names = list(model.state_dict().keys())
-    if model.cfg.tie_word_embeddings:
-        names.remove("lm_head.weight")
-    return names
 
 
 def save_weights(model: MiniMind, path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -154,29 +121,6 @@ def load_weights(model: MiniMind, path: str | Path) -> None:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     load_tensors(model, tensors, str(path))
-
-
-def load_tensors(model: MiniMind, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load of named tensors (the tied head may be absent); errors name `source` and the tensors."""
-    expected = model.state_dict()
-    names = set(weight_names(model))
-    missing, extra = sorted(names - tensors.keys()), sorted(tensors.keys() - names)
-    wrong = [
-        f"{k} {tuple(tensors[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in sorted(names & tensors.keys())
-        if tensors[k].shape != expected[k].shape
-    ]
-    if missing or extra or wrong:
-        parts = [
-            f"missing tensors {missing}" if missing else "",
-            f"unexpected tensors {extra}" if extra else "",
-            f"wrong shapes {wrong}" if wrong else "",
-        ]
-        raise CheckpointError(f"{source}: does not match config.json: " + "; ".join(p for p in parts if p))
-    tensors = dict(tensors)
-    if model.cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-    model.load_state_dict(tensors, strict=True)
 
 
 def save_config(cfg: ModelConfig, run_dir: str | Path) -> None:
@@ -214,16 +158,6 @@ def load_config(run_dir: str | Path, **overrides: Any) -> ModelConfig:
     return ModelConfig.from_dict({**data, **overrides})
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def save_run(
     run_dir: str | Path,
     model: MiniMind,
@@ -244,28 +178,6 @@ def save_run(
         **info,
     }
     atomic_write_text(run_dir / RUN_INFO, json.dumps(record, indent=2, ensure_ascii=False))
-
-
-TEXT_STAGES = ("pretrain", "init")  # runs that never saw the chat template: they continue text
-
-
-@dataclass
-class Run:
-    model: MiniMind
-    tokenizer: Tokenizer
-    info: dict[str, Any]
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.model.cfg
-
-    @property
-    def is_chat(self) -> bool:
-        """Whether prompts go through the chat template (any run past pretraining, except a student
-        distilled on text)."""
-        if self.info.get("stage") == "distill":
-            return self.info.get("distill", {}).get("format") != "text"
-        return self.info.get("stage") not in TEXT_STAGES
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **config_overrides: Any) -> Run:

@@ -16,7 +16,7 @@ from minimind.errors import MiniMindError
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("minimind.tokenizer", "train a byte-level BPE tokenizer on text files"),
     "init": ("minimind.checkpoint", "create a freshly initialised run directory from a preset"),
-    "generate": ("minimind.generate", "continue a prompt with a run's model (KV-cached sampling)"),
+    "generate": ("minimind.inference", "continue a prompt with a run's model (KV-cached sampling)"),
     "data": ("minimind.data.demo", "data sets: `demo` writes the built-in one, `download NAME...` fetches upstream's"),
     "pretrain": ("minimind.stages.pretrain", "pretrain a model on packed text (next-token prediction)"),
     "sft": ("minimind.stages.sft", "supervised fine-tuning on conversations (loss on assistant replies only)"),

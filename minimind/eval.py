@@ -422,8 +422,9 @@ def add_arguments(p: Any) -> None:
 
 
 def main(args: Any) -> None:
-    from minimind.checkpoint import atomic_write_text, load_run
-    from minimind.generate import resolve_device
+    from minimind.checkpoint import load_run
+    from minimind.fileio import atomic_write_text
+    from minimind.inference import resolve_device
 
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device=device)

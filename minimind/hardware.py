@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from minimind.config import TrainConfig
 from minimind.errors import ConfigError
-from minimind.generate import resolve_device
+from minimind.inference import resolve_device
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {

@@ -26,8 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minimind.checkpoint import atomic_write, atomic_write_text
 from minimind.errors import CheckpointError, ConfigError
+from minimind.fileio import atomic_write, atomic_write_text
 from minimind.model import Linear, linear
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"

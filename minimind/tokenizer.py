@@ -25,6 +25,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from minimind.errors import ConfigError, DataError
+from minimind.fileio import atomic_write_text
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TAGS = [
@@ -136,7 +137,6 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         """tokenizer.json plus a tokenizer_config.json that transformers 4 and 5 both read."""
-        from minimind.checkpoint import atomic_write_text  # late import: checkpoint imports us
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

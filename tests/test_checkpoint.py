@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minimind.checkpoint import atomic_write, atomic_write_text, init_run, load_run, save_run
+from minimind.checkpoint import init_run, load_run, save_run
 from minimind.errors import CheckpointError
+from minimind.fileio import atomic_write, atomic_write_text
 
 
 def test_round_trip_is_bit_exact(tokenizer, tmp_path):

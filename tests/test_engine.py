@@ -149,12 +149,13 @@ def test_a_kill_at_any_write_point_leaves_an_exactly_resumable_run(tokenizer, de
     complete yet). The run always ends bit-identical to an uninterrupted one, and the run directory's
     model.safetensors is a complete file at every point."""
     from minimind import checkpoint as ckpt
+    from minimind import fileio
 
     rows, kw = demo_rows[0], dict(max_steps=6, save_every=2, log_every=2)
     train(tokenizer, rows, tmp_path / "straight", **kw)
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     points: list[str] = []
-    monkeypatch.setattr(ckpt, "write_point", points.append)
+    monkeypatch.setattr(fileio, "write_point", points.append)
     train(tokenizer, rows, tmp_path / "count", **kw)
     assert sum(p.startswith("rename") and p.endswith("latest") for p in points) == 3 and len(points) > 30
     for k in range(len(points)):
@@ -165,10 +166,10 @@ def test_a_kill_at_any_write_point_leaves_an_exactly_resumable_run(tokenizer, de
             if len(seen) == k + 1:
                 raise Killed(what)
 
-        monkeypatch.setattr(ckpt, "write_point", kill_at_k)
+        monkeypatch.setattr(fileio, "write_point", kill_at_k)
         with pytest.raises(Killed):
             train(tokenizer, rows, out, **kw)
-        monkeypatch.setattr(ckpt, "write_point", lambda what: None)
+        monkeypatch.setattr(fileio, "write_point", lambda what: None)
         if (out / "model.safetensors").exists():
             load_file(out / "model.safetensors")  # never a partial file
         complete = ckpt.latest_checkpoint(out) is not None

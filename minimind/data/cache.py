@@ -54,8 +54,8 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from minimind.checkpoint import atomic_write, atomic_write_text
 from minimind.errors import DataError
+from minimind.fileio import atomic_write, atomic_write_text
 from minimind.tokenizer import Tokenizer
 
 SAMPLE, SAMPLES, SMALL = 1 << 16, 64, 1 << 26

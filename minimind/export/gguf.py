@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from minimind.checkpoint import Run, atomic_write, atomic_write_text
 from minimind.config import ModelConfig
 from minimind.errors import ConfigError
+from minimind.fileio import atomic_write, atomic_write_text
+from minimind.rundir import Run
 from minimind.tokenizer import BOS, EOS, PAD, SPLIT_PATTERN, Tokenizer
 
 DTYPES = ("f32", "f16", "q8_0")

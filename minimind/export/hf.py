@@ -31,10 +31,10 @@ import torch
 from safetensors.torch import save_file
 
 from minimind import __version__
-from minimind.checkpoint import CONFIG, Run, git_commit, weight_names
 from minimind.config import ModelConfig
 from minimind.errors import CheckpointError, ConfigError
 from minimind.model import MiniMind, rope_frequencies
+from minimind.rundir import CONFIG, Run, git_commit, weight_names
 from minimind.tokenizer import BOS, EOS, PAD, Tokenizer
 
 MINIMIND_JSON = "minimind.json"

@@ -17,7 +17,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from minimind.checkpoint import CONFIG, Run, load_tensors
 from minimind.config import ModelConfig
 from minimind.errors import CheckpointError, ConfigError
 from minimind.export.hf import (
@@ -30,6 +29,7 @@ from minimind.export.hf import (
     hf_max_positions,
 )
 from minimind.model import MiniMind, rope_frequencies
+from minimind.rundir import CONFIG, Run, load_tensors
 from minimind.tokenizer import Tokenizer
 
 

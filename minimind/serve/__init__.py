@@ -52,7 +52,7 @@ def build(args: Any) -> Any:
     import torch
 
     from minimind.checkpoint import load_run
-    from minimind.generate import resolve_device
+    from minimind.inference import resolve_device
     from minimind.serve.app import Server, create_app
 
     if args.max_concurrency < 1:
