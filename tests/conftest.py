@@ -60,6 +60,18 @@ def sharp_model(name: str = "gqa", **overrides) -> MiniMind:
     return model.eval()
 
 
+# What makes a test slow: the trained pipeline (minutes to build, once per session), or several
+# processes launched (torchrun, deepspeed). `pytest -m "not slow"` is the inner loop; `make test` runs all.
+SLOW_FIXTURES = {"pipeline"}
+SLOW_FILES = {"test_parallel.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

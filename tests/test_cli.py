@@ -33,11 +33,19 @@ def cli_run(tmp_path_factory):
     return root
 
 
-def test_every_command_has_help():
+def test_every_command_has_help(capsys):
+    """`minimind --help` lists every command, and each command's own --help prints its usage and
+    options (each command module imported and its parser built, as the CLI does)."""
+    from minimind import cli
+
     out = minimind("--help").stdout
-    for command in ("tokenizer", "init", "generate", "demo"):
+    for command in cli.COMMANDS:
         assert command in out
-        assert "usage: minimind " + command in minimind(command, "--help").stdout
+        with pytest.raises(SystemExit) as stop:
+            cli.main([command, "--help"])
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith("usage: minimind " + command) and "options:" in text, command
 
 
 def test_init_writes_a_complete_run(cli_run):
@@ -75,21 +83,15 @@ def test_generate_is_seeded_and_streams(cli_run):
 
 
 def test_generate_with_yarn_extends_the_context(cli_run):
-    out = minimind(
-        "generate",
-        cli_run / "run",
-        "--prompt",
-        "12 + 30 =",
-        "--max-new-tokens",
-        8,
-        "--temperature",
-        0,
-        "--rope-scaling",
-        "yarn",
-        "--rope-factor",
-        4,
-    )
-    assert out.stdout.startswith("12 + 30 =")
+    """A prompt longer than the run's 4096 positions is refused; with --rope-scaling yarn --rope-factor 4
+    the table reaches 2048 x 4 = 8192 positions and the same prompt is continued."""
+    prompt = "12 + 30 = 42. " * 400
+    assert 4096 < len(Tokenizer.load(cli_run / "tok").encode(prompt)) < 8000
+    args = ("generate", cli_run / "run", "--prompt", prompt, "--max-new-tokens", 8, "--temperature", 0)
+    refused = minimind(*args, check=False)
+    assert refused.returncode == 2 and "exceeds the model's max_position_embeddings (4096)" in refused.stderr
+    out = minimind(*args, "--rope-scaling", "yarn", "--rope-factor", 4)
+    assert out.stdout.startswith(prompt) and "tokens/s" in out.stdout
 
 
 def test_user_errors_are_one_line_without_traceback(cli_run, tmp_path):
