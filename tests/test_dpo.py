@@ -185,7 +185,7 @@ def dpo_args(pipeline, out, *extra, data=None):
 def test_a_few_steps_raise_heldout_margin_and_accuracy(pipeline, tmp_path):
     args = dpo_args(pipeline, tmp_path / "dpo", "--eval-data", pipeline["files"]["dpo_heldout"], "--max-steps", 40)
     trainer, held, loss = dpo.prepare(args)
-    assert trainer.cfg.lr == dpo.DPO_LR["tiny"] and loss.beta == 0.1  # the defaults for the tiny preset
+    assert trainer.cfg.lr == dpo.DPO.lrs["tiny"] and loss.beta == 0.1  # the defaults for the tiny preset
     before = dpo.evaluate(trainer, held, loss)
     # Policy == reference: every implicit reward is exactly 0.
     assert before["reward_margin"] == 0 and before["reward_acc"] == 0 and before["loss"] == pytest.approx(math.log(2))

@@ -30,7 +30,7 @@ import torch
 
 from minimind.data.cache import Columns, Meter, Skipped, cached, pipelined, progress
 from minimind.data.packing import IGNORE, Batch
-from minimind.data.readers import iter_jsonl
+from minimind.data.readers import iter_checked
 from minimind.data.tokens import batched, offsets_of, token_dtype
 from minimind.errors import DataError
 from minimind.tokenizer import BOS, EOS, PAD, Tokenizer
@@ -185,27 +185,18 @@ def encode_conversations(
     return assemble(tokenizer, conversations, bodies, max_len).items()
 
 
+def conversation_of(obj: dict[str, Any], where: str) -> list[dict]:
+    """The checked messages of one SFT record."""
+    if "conversations" not in obj:
+        raise DataError(f"{where}: missing 'conversations' (expected {{\"conversations\": [...]}})")
+    return check_messages(obj["conversations"], where)
+
+
 def iter_conversations(
     paths: list[str | Path], skipped: list[str] | None = None, meter: Meter | None = None
 ) -> Iterator[list[dict]]:
     """Validated conversations of SFT-format JSONL files; bad lines raise, or are counted in `skipped`."""
-    for path in paths:
-        count = 0
-        for lineno, obj in iter_jsonl(path, skipped, meter):
-            where = f"{path}:{lineno}"
-            try:
-                if "conversations" not in obj:
-                    raise DataError(f"{where}: missing 'conversations' (expected {{\"conversations\": [...]}})")
-                messages = check_messages(obj["conversations"], where)
-            except DataError as e:
-                if skipped is None:
-                    raise
-                skipped.append(str(e))
-                continue
-            count += 1
-            yield messages
-        if not count:
-            raise DataError(f"{path}: no usable conversations")
+    return iter_checked(paths, conversation_of, "conversations", skipped, meter)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 from minimind.data.cache import Columns, Meter, Skipped, cached, pipelined
 from minimind.data.chat import assemble, check_messages, message_texts
 from minimind.data.packing import IGNORE, Batch
-from minimind.data.readers import iter_jsonl
+from minimind.data.readers import iter_checked
 from minimind.data.tokens import batched, offsets_of, token_dtype
 from minimind.errors import DataError
 from minimind.tokenizer import Tokenizer
@@ -72,20 +72,7 @@ def iter_pairs(
     paths: list[str | Path], skipped: list[str] | None = None, meter: Meter | None = None
 ) -> Iterator[tuple[list[dict], list[dict]]]:
     """Validated (chosen, rejected) conversations; bad lines raise, or are counted in `skipped`."""
-    for path in paths:
-        count = 0
-        for lineno, obj in iter_jsonl(path, skipped, meter):
-            try:
-                pair = check_pair(obj, f"{path}:{lineno}")
-            except DataError as e:
-                if skipped is None:
-                    raise
-                skipped.append(str(e))
-                continue
-            count += 1
-            yield pair
-        if not count:
-            raise DataError(f"{path}: no usable preference pairs")
+    return iter_checked(paths, check_pair, "preference pairs", skipped, meter)
 
 
 @dataclass

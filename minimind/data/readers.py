@@ -8,14 +8,16 @@ CRLF line endings tolerated; blank lines are skipped. A malformed line raises `D
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from minimind.errors import DataError
 
 if TYPE_CHECKING:
     from minimind.data.cache import Meter
+
+T = TypeVar("T")
 
 
 def iter_lines(path: str | Path, meter: Meter | None = None) -> Iterator[tuple[int, str]]:
@@ -99,3 +101,29 @@ def iter_texts(paths: list[str | Path]) -> Iterator[str]:
                     "'conversations' / 'chosen' / 'rejected' message lists)"
                 )
             yield text
+
+
+def iter_checked(
+    paths: list[str | Path],
+    check: Callable[[dict[str, Any], str], T],
+    what: str,
+    skipped: list[str] | None = None,
+    meter: Meter | None = None,
+) -> Iterator[T]:
+    """`check(obj, "FILE:LINE")` of every record of JSONL files. A record it refuses (a DataError) stops
+    the reading, or, when a `skipped` list is given, its message is appended there and reading goes
+    on; a file without one usable record is a DataError ("no usable {what}")."""
+    for path in paths:
+        count = 0
+        for lineno, obj in iter_jsonl(path, skipped, meter):
+            try:
+                item = check(obj, f"{path}:{lineno}")
+            except DataError as e:
+                if skipped is None:
+                    raise
+                skipped.append(str(e))
+                continue
+            count += 1
+            yield item
+        if not count:
+            raise DataError(f"{path}: no usable {what}")

@@ -10,10 +10,11 @@ data, its model (e.g. LoRA-wrapped), its loss and its defaults.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,6 @@ SFT_LR = {
     "minimind3": 1e-5,
     "minimind3-moe": 1e-5,
 }
-SFT_DEFAULT_LR = 1e-5
-SFT_DEFAULTS = {"batch_size": 16, "accumulation": 1, "epochs": 2, "weight_decay": 0.0}
 
 # Default DPO learning rate by preset. Upstream uses 4e-8 (trainer/train_dpo.py): the loss stays at
 # log 2 = 0.693 (measured: 0.692 after 40 steps on minimind2-small). tiny and minimind2-small are
@@ -59,18 +58,34 @@ DPO_LR = {
     "minimind3": 5e-7,
     "minimind3-moe": 5e-7,
 }
-DPO_DEFAULT_LR = 5e-7
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A stage's defaults: its training options, and its learning rate by the preset (shape) of the
+    run it trains (`lrs`; `default_lr` for other shapes). They sit below --resume's saved options,
+    --config and flags (`stage_options`)."""
+
+    options: dict[str, Any]
+    lrs: dict[str, float]
+    default_lr: float
+
+    def but(self, **changes: Any) -> Defaults:
+        return dataclasses.replace(self, **changes)
+
+    def for_run(self, run_dir: str | Path | None) -> dict[str, Any]:
+        """The options, with the learning rate for the run in `run_dir` (none yet: `default_lr`)."""
+        if not run_dir or not (Path(run_dir) / CONFIG).is_file():
+            return {**self.options, "lr": self.default_lr}
+        return {**self.options, "lr": self.lrs.get(preset_of(load_config(run_dir)) or "", self.default_lr)}
+
+
+SFT = Defaults({"batch_size": 16, "accumulation": 1, "epochs": 2, "weight_decay": 0.0}, SFT_LR, 1e-5)
 # Upstream: batch 4 pairs, 1 epoch, max_seq_len 1024. Rows are padded per batch, so a long
 # max_seq_len costs nothing for short pairs.
-DPO_DEFAULTS = {"batch_size": 8, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024}
-
-
-def stage_defaults(parent: str | None, out: str, resume: bool, lrs: dict[str, float], default_lr: float) -> dict:
-    """Defaults that depend on the model: the learning rate for the parent's preset (by shape)."""
-    run_dir = out if resume else parent
-    if not run_dir or not (Path(run_dir) / CONFIG).is_file():
-        return {"lr": default_lr}
-    return {"lr": lrs.get(preset_of(load_config(run_dir)) or "", default_lr)}
+DPO = Defaults(
+    {"batch_size": 8, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024}, DPO_LR, 5e-7
+)
 
 
 # ---- flags, options, the run to train -----------------------------------------------------------
@@ -106,12 +121,18 @@ def saved_train_config(out: str | Path) -> dict[str, Any]:
     return {}
 
 
-def stage_options(args: Any, defaults: dict[str, Any] | Callable[[TrainConfig], dict[str, Any]]) -> TrainConfig:
+def stage_options(
+    args: Any, defaults: Defaults | dict[str, Any] | Callable[[TrainConfig], dict[str, Any]]
+) -> TrainConfig:
     """TrainConfig: field defaults < the stage's defaults < (with --resume) the options the run was
-    started with < --config YAML < flags. `defaults` may depend on the options given (e.g. --from).
+    started with < --config YAML < flags. `Defaults` take the learning rate of the run trained (the
+    parent; the run itself on --resume); a function of the options given may choose otherwise.
     Checks --data and --out."""
     given: TrainConfig = merge_options(args, TrainConfig)
-    layer = defaults(given) if callable(defaults) else dict(defaults)
+    if isinstance(defaults, Defaults):
+        layer = defaults.for_run(given.out if given.resume else getattr(args, "parent", None))
+    else:
+        layer = defaults(given) if callable(defaults) else dict(defaults)
     if given.resume and given.out:
         layer.update(saved_train_config(given.out))  # resume continues with the same schedule
     cfg: TrainConfig = merge_options(args, TrainConfig, layer)

@@ -40,16 +40,13 @@ from minimind.engine import Trainer
 from minimind.errors import ConfigError, DataError
 from minimind.losses import kd_kl_sum, token_cross_entropy_sum
 from minimind.stages.common import (
-    SFT_DEFAULT_LR,
-    SFT_DEFAULTS,
-    SFT_LR,
+    SFT,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
     fit_and_report,
     print_masks,
     run_info,
-    stage_defaults,
     stage_info,
     stage_options,
     start_from,
@@ -176,7 +173,7 @@ def student_run(args: Any, cfg: TrainConfig, tok: Tokenizer) -> Run:
 def defaults(args: Any, given: TrainConfig) -> dict[str, Any]:
     """A student from a run is fine-tuned (SFT's defaults); a fresh one is pretrained (the engine's)."""
     if args.parent:
-        return {**SFT_DEFAULTS, **stage_defaults(args.parent, given.out, False, SFT_LR, SFT_DEFAULT_LR)}
+        return SFT.for_run(args.parent)
     return {}
 
 
@@ -214,7 +211,7 @@ def prepare(args: Any) -> tuple[Trainer, Rows | None, DistillLoss]:
 
 def main(args: Any) -> None:
     if args.show_mask:  # inspect only: the teacher's tokenizer marks the distilled tokens
-        cfg = merge_options(args, TrainConfig, SFT_DEFAULTS)
+        cfg = merge_options(args, TrainConfig, SFT.options)
         if not args.data or not args.teacher:
             raise ConfigError("--show-mask needs --data and --teacher (for its tokenizer)")
         spec = args.teacher

@@ -28,16 +28,13 @@ from minimind.data.preference import FORMS, PairBatch, PairRows
 from minimind.engine import Trainer
 from minimind.errors import ConfigError
 from minimind.losses import dpo_loss, sequence_logprobs
-from minimind.stages.common import DPO_DEFAULT_LR as DEFAULT_LR
 from minimind.stages.common import (
-    DPO_DEFAULTS,
-    DPO_LR,
+    DPO,
     add_stage_arguments,
     fit_and_report,
     pair_rows,
     per_pair,
     reference_model,
-    stage_defaults,
     stage_info,
     stage_options,
     start_from,
@@ -168,9 +165,7 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:
     Reference log-probs of held-out pairs are always computed up front; of training pairs only
     with --precompute-ref, after which the reference model is released.
     """
-    cfg = stage_options(
-        args, lambda given: {**DPO_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, DPO_LR, DEFAULT_LR)}
-    )
+    cfg = stage_options(args, DPO)
     run = start_from(cfg, args.parent)
     opts = {**OPTIONS, **(run.info.get("dpo", {}) if cfg.resume else {})}
     opts.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None})

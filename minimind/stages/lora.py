@@ -32,18 +32,16 @@ from minimind.lora import (
     save_adapter,
 )
 from minimind.stages.common import (
-    SFT_DEFAULTS,
+    SFT,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
-    stage_defaults,
     stage_options,
     train,
 )
 
 # Upstream's LoRA learning rate is 1e-4 (trainer/train_lora.py); the tiny demo model needs more.
-LORA_LR = {"tiny": 2e-3, "tiny-moe": 2e-3}
-DEFAULT_LR = 1e-4
+LORA = SFT.but(lrs={"tiny": 2e-3, "tiny-moe": 2e-3}, default_lr=1e-4)
 
 
 class AdapterCheckpoint(RunCheckpoint):
@@ -107,9 +105,7 @@ def main(args: Any) -> None:
         lora_cfg = LoRAConfig(args.rank, args.alpha, args.lora_dropout, args.target.split(","), args.name)
     if not args.parent:
         raise ConfigError("--from RUN_DIR is required (the base run the adapter is trained on)")
-    cfg = stage_options(
-        args, {**SFT_DEFAULTS, "weight_decay": 0.0, **stage_defaults(args.parent, "", False, LORA_LR, DEFAULT_LR)}
-    )
+    cfg = stage_options(args, lambda given: LORA.for_run(args.parent))  # the base's shape, also on --resume
     if Path(cfg.out).resolve() == Path(args.parent).resolve():
         raise ConfigError("--out must differ from --from (the base run is never written)")
     if (Path(cfg.out) / "train_state.pt").exists() and not cfg.resume:

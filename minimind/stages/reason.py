@@ -27,16 +27,13 @@ from minimind.data.packing import IGNORE, Batch
 from minimind.engine import Trainer, evaluate_loss
 from minimind.errors import ConfigError, DataError
 from minimind.losses import weighted_token_cross_entropy_sum
-from minimind.stages.common import SFT_DEFAULT_LR as DEFAULT_LR
 from minimind.stages.common import (
-    SFT_DEFAULTS,
-    SFT_LR,
+    SFT,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
     fit_and_report,
     show_masks,
-    stage_defaults,
     stage_info,
     stage_options,
     start_from,
@@ -47,7 +44,7 @@ from minimind.tokenizer import Tokenizer
 TAGS = tuple(SPECIAL_TAGS[:4])  # <think> </think> <answer> </answer>
 # Upstream (train_distill_reason.py): 1 epoch, rows of 1024 tokens (its data is r1_mix_1024). The
 # learning rate follows SFT's table (README.md).
-REASON_DEFAULTS = {**SFT_DEFAULTS, "epochs": 1, "max_seq_len": 1024}
+REASON = SFT.but(options={**SFT.options, "epochs": 1, "max_seq_len": 1024})
 OPTIONS = {"tag_weight": 10.0}
 HELD_OUT_PROMPTS = 64  # greedy replies generated for the format check
 
@@ -128,17 +125,14 @@ def count_tags(data: ChatTokens, tags: list[list[int]]) -> int:
 
 def main(args: Any) -> None:
     if args.show_mask:  # the SFT mask; the tags among the marked tokens are the weighted ones
-        return show_masks(args, REASON_DEFAULTS)
+        return show_masks(args, REASON.options)
     trainer, check = prepare(args)
     fit_and_report(trainer, check)
 
 
 def prepare(args: Any) -> tuple[Trainer, Callable[[], str] | None]:
     """The engine set up for `minimind reason` (weighted rows and loss), and the held-out check."""
-    cfg = stage_options(
-        args,
-        lambda given: {**REASON_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, SFT_LR, DEFAULT_LR)},
-    )
+    cfg = stage_options(args, REASON)
     run = start_from(cfg, args.parent)
     opts = {**OPTIONS, **(run.info.get("reason", {}) if cfg.resume else {})}
     if args.tag_weight is not None:

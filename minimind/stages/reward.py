@@ -28,21 +28,18 @@ from minimind.errors import ConfigError
 from minimind.losses import bradley_terry_loss
 from minimind.reward_model import RewardModel, load_reward_model
 from minimind.stages.common import (
-    DPO_DEFAULTS,
+    DPO,
     add_stage_arguments,
     fit_and_report,
     pair_rows,
     per_pair,
-    stage_defaults,
     stage_options,
     start_from,
 )
 
 # Upstream trains no reward model (its RL stages score with an external InternLM2 reward model), so
 # these are ours: tiny measured on the demo data (README.md), the rest the usual full fine-tuning scale.
-REWARD_LR = {"tiny": 1e-3, "tiny-moe": 1e-3}
-DEFAULT_LR = 1e-5
-REWARD_DEFAULTS = dict(DPO_DEFAULTS)
+REWARD = DPO.but(lrs={"tiny": 1e-3, "tiny-moe": 1e-3}, default_lr=1e-5)
 HELDOUT = 0.1
 
 
@@ -96,13 +93,7 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None]:
         raise ConfigError("give either --eval-data FILE or --heldout FRACTION, not both")
     if args.heldout is not None and not 0 <= args.heldout < 1:
         raise ConfigError("--heldout must be a fraction in [0, 1)")
-    cfg = stage_options(
-        args,
-        lambda given: {
-            **REWARD_DEFAULTS,
-            **stage_defaults(args.parent, given.out, given.resume, REWARD_LR, DEFAULT_LR),
-        },
-    )
+    cfg = stage_options(args, REWARD)
     if cfg.resume:  # the engine loads the weights; the split and provenance come from run.json
         model, tok = load_reward_model(cfg.out)
         saved = json.loads((Path(cfg.out) / RUN_INFO).read_text(encoding="utf-8"))

@@ -22,11 +22,9 @@ from minimind.rl.rollout import (
     policy_of,
 )
 from minimind.stages.common import (
-    DPO_DEFAULT_LR,
-    DPO_LR,
+    DPO,
     add_stage_arguments,
     reference_model,
-    stage_defaults,
     stage_info,
     stage_options,
     start_from,
@@ -34,9 +32,8 @@ from minimind.stages.common import (
 
 # Default learning rate by preset: DPO's table (the same values measured as moving a policy without
 # wrecking it; upstream's GRPO uses 8e-8). README.md has the table.
-RL_LR, DEFAULT_LR = DPO_LR, DPO_DEFAULT_LR
 # batch_size = prompts per micro-batch (each sampled G times); accumulation micro-batches per rollout.
-RL_DEFAULTS = {"batch_size": 4, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024}
+RL = DPO.but(options={"batch_size": 4, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024})
 FLAGS = {  # RLOptions field -> flag help
     "reward": "reward spec, e.g. rule:math, rule:math+0.2*rule:format, rm:RUN_DIR, hf:PATH",
     "num_generations": "completions sampled per prompt (G)",
@@ -87,9 +84,7 @@ def prepare_rl(
 ):
     """The engine set up for an RL stage: options, prompts, reward, reference, rollout source.
     `setup(run, opts, cfg)` gives the model to train, its loss and checkpoint (PPO: actor + critic)."""
-    cfg: TrainConfig = stage_options(
-        args, lambda given: {**RL_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, RL_LR, DEFAULT_LR)}
-    )
+    cfg: TrainConfig = stage_options(args, RL)
     run = start_from(cfg, args.parent)
     opts = rl_options(args, run.info, cfg.resume, defaults)
     model, loss, checkpoint = setup(run, opts, cfg)

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from minimind.stages.common import SFT_DEFAULT_LR as DEFAULT_LR
 from minimind.stages.common import (
-    SFT_DEFAULTS,
-    SFT_LR,
+    SFT,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
     show_masks,
-    stage_defaults,
     stage_info,
     stage_options,
     start_from,
@@ -34,10 +31,8 @@ def add_arguments(p: Any) -> None:
 
 def main(args: Any) -> None:
     if args.show_mask:
-        return show_masks(args, SFT_DEFAULTS)
-    cfg = stage_options(
-        args, lambda given: {**SFT_DEFAULTS, **stage_defaults(args.parent, given.out, given.resume, SFT_LR, DEFAULT_LR)}
-    )
+        return show_masks(args, SFT.options)
+    cfg = stage_options(args, SFT)
     run = start_from(cfg, args.parent)
     rows, eval_rows = conversation_rows(args, cfg, run)
     train(cfg, run, rows, stage_info("sft", cfg, run, args), eval_rows)
