@@ -7,6 +7,8 @@ accumulation and data parallelism give exactly the gradient of one big batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -302,15 +304,26 @@ def gae(
     return adv, (adv + v) * m
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) with mean and Bessel-corrected var over the masked tokens; 0 off the mask.
 
     shift_mean=False adds the mean back (only rescales): whitening rewards must not change their sign.
+    `reduce` sums a tensor over processes (an all-reduce): the mean and the variance are then those of
+    the tokens of every process, the global batch (two passes, as on one process).
     """
+    total = reduce or (lambda v: v)
     m = mask.float()
     x = x.detach().float()
-    mean = masked_mean(x, m)
-    var = (((x - mean) * m) ** 2).sum() / (m.sum() - 1).clamp(min=1)
+    keep = m != 0
+    kept, summed, weight = total(torch.stack([keep.sum().float(), torch.where(keep, x, 0.0).sum(), m.sum()])).unbind()
+    mean = summed / kept.clamp(min=1)  # masked_mean, over every process
+    var = total((((x - mean) * m) ** 2).sum()) / (weight - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     return (out if shift_mean else out + mean) * m
 

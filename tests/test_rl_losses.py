@@ -191,6 +191,11 @@ def test_whiten():
     # mean 3, Bessel var (4 + 0 + 4) / 2 = 4, std 2
     close(whiten(x, mask), t([-1, 0, 1, 0]), atol=1e-6, rtol=0)
     close(whiten(x, mask, shift_mean=False), t([2, 3, 4, 0]), atol=1e-6, rtol=0)
+    # Over processes (`reduce` sums each statistic): a second process holding the same tokens doubles
+    # every sum, which is whitening the two copies together: 6 tokens, var (4 + 0 + 4) * 2 / 5 = 3.2.
+    both = whiten(torch.cat([x, x], -1), torch.cat([mask, mask], -1))[..., :4]
+    close(whiten(x, mask, reduce=lambda v: 2 * v), both, atol=1e-6, rtol=0)
+    close(both, t([-2 / 3.2**0.5, 0, 2 / 3.2**0.5, 0]), atol=1e-6, rtol=0)
 
 
 def test_value_loss_clip():

@@ -18,7 +18,7 @@ saved:   the actor as the run directory; the critic as RUN/critic/ (a reward-mod
 from __future__ import annotations
 
 import copy
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,7 +142,9 @@ class PPOState:
             values.append(v.sum() / mask.sum().clamp(min=1))
             start += n
         # Whiten over every token of the rollout (not per micro-batch), on all processes together.
-        white = whiten_global(torch.cat([a[m] for a, m in zip(advs, masks)]), t.world, t.device)
+        flat = torch.cat([a[m] for a, m in zip(advs, masks)])
+        reduce = sum_over_processes(t.device) if t.world > 1 else None
+        white = whiten(flat[None], torch.ones_like(flat)[None], reduce=reduce)[0]
         at = 0
         for b, a, m in zip(batches, advs, masks):
             k = int(m.sum())
@@ -185,19 +187,15 @@ class PPOCheckpoint(RunCheckpoint):
         load_weights(trainer.model.critic, folder / CRITIC / WEIGHTS)
 
 
-def whiten_global(x: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
-    """`whiten` over the tokens of the global batch: mean and Bessel-corrected variance from the sums
-    of every process (float64), so N processes whiten as one process with the same global batch."""
-    if world == 1:
-        return whiten(x[None], torch.ones_like(x)[None])[0]
-    x64 = x.double()
-    sums = torch.stack([torch.tensor(float(len(x)), dtype=torch.float64), x64.sum(), (x64 * x64).sum()])
-    sums = sums.to(device)
-    dist.all_reduce(sums)
-    n, total, squares = sums.cpu().tolist()
-    mean = total / max(n, 1)
-    var = max(squares - n * mean * mean, 0.0) / max(n - 1, 1)
-    return ((x64 - mean) / math.sqrt(var + 1e-8)).float()
+def sum_over_processes(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An all-reduce (sum) on the training device, for statistics of the global batch."""
+
+    def reduce(v: torch.Tensor) -> torch.Tensor:
+        v = v.to(device)
+        dist.all_reduce(v)
+        return v.cpu()
+
+    return reduce
 
 
 def make_critic(actor: nn.Module, opts: PPOOptions, cfg: TrainConfig) -> RewardModel:
