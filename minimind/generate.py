@@ -18,6 +18,7 @@ import torch
 
 from minimind import native
 from minimind.errors import ConfigError
+from minimind.fastdecode import FastDecoder
 from minimind.model import KVCache, MiniMind, compute_dtype
 
 
@@ -214,6 +215,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), params.max_new_tokens, dtype=torch.long, device=device)
 
+    decoder = FastDecoder(model)  # decode steps by native kernels where they apply (x86-64 CPUs)
     t0 = time.perf_counter()
     logits = model(ids, attention_mask=pad_mask if padded else None, cache=cache, logits_to_keep=1).logits[:, -1]
     t_prefill = time.perf_counter()
@@ -241,9 +243,10 @@ def generate(
         if step + 1 == params.max_new_tokens:
             break
         full_mask[:, width + step] = 1
-        logits = model(
-            tokens[:, None], attention_mask=full_mask[:, : width + step + 1] if padded else None, cache=cache
-        ).logits[:, -1]
+        step_mask = full_mask[:, : width + step + 1] if padded else None
+        logits = decoder.step(tokens[:, None], step_mask, cache)
+        if logits is None:
+            logits = model(tokens[:, None], attention_mask=step_mask, cache=cache).logits[:, -1]
     t_end = time.perf_counter()
 
     lengths_l, done_l = lengths.tolist(), done.tolist()

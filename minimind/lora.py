@@ -28,7 +28,6 @@ from torch import nn
 
 from minimind.errors import CheckpointError, ConfigError
 from minimind.fileio import atomic_write, atomic_write_text
-from minimind.model import Linear, linear
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -75,11 +74,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return linear(x, self.weight, self.bias) + self.scaling * update
+        return F.linear(x, self.weight, self.bias) + self.scaling * update
 
     def merged(self) -> nn.Linear:
         """A plain linear layer computing the same function (W + (alpha/r) B A)."""
-        merged = Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         merged.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling

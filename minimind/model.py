@@ -6,27 +6,25 @@ The LM head shares its weight with the embedding; there are no biases. Attention
 with rotary positions (optionally YaRN-scaled) and optional per-head q/k RMSNorm (minimind-3 /
 Qwen3 style); the FFN is SwiGLU, or a mixture of SwiGLU experts. Every attention path (training,
 prefill, cached decode, left padding, packed documents) is `F.scaled_dot_product_attention`; the
-only thing that differs between them is the mask (`attention_rule`). Two kinds of fast path compute
-the same numbers elsewhere, each chosen explicitly and tested against this file: on GPUs, masked
+only thing that differs between them is the mask (`attention_rule`). This file computes the same
+numbers on every device, in every grad mode and at every batch size. Fast paths compute them
+elsewhere, each chosen explicitly by its caller and tested against this file: on GPUs, masked
 attention runs in fused kernels (`minimind.attention`: FlexAttention for packed documents, expanded
-k/v for padding) and MoE experts in grouped matmuls; on x86-64 CPUs, decoding (a few rows, one new
-token each, no gradients) runs in the small native kernels of `minimind.native`, where they are
-most of a step's time.
+k/v for padding) and MoE experts in grouped matmuls; on x86-64 CPUs the sampler runs its decode
+steps through native kernels (`minimind.fastdecode`), which this file knows nothing of.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
-from minimind import attention, native
+from minimind import attention
 from minimind.attention import AttentionMask
 from minimind.config import ModelConfig
 
@@ -35,19 +33,6 @@ def compute_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype
     """The dtype matmuls produce on `device`: autocast's where autocast is on there, else `dtype`."""
     device_type = torch.device(device).type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; when decoding on an x86-64 CPU (a few rows, no gradients) the native kernel instead."""
-    y = native.decode_linear(x, weight, bias)
-    return F.linear(x, weight, bias) if y is None else y
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) computed by `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -59,9 +44,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = native.decode_rmsnorm(x, self.weight, self.eps)  # decoding on x86-64 CPUs
-        if y is not None:
-            return y
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused kernel
         return self.weight * normed.to(x.dtype)
 
@@ -211,10 +193,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -230,10 +212,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if T == 1 and cache is not None:  # decoding on x86-64 CPUs: RoPE, cache write, attention natively
-            y = native.decode_attention(q, k, v, cos, sin, cache, self.layer_idx, mask.dense)
-            if y is not None:
-                return self.o_proj(y.view(B, 1, -1))
         v = v.transpose(1, 2)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
@@ -258,9 +236,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -283,7 +261,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.num_experts, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.num_experts, cfg.norm_topk_prob
-        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(
             FeedForward(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
         )
@@ -338,7 +316,7 @@ class MoE(nn.Module):
     def use_grouped(self, x: torch.Tensor) -> bool:
         """Grouped matmuls where torch runs them without reading the group sizes on the host: CUDA and
         bfloat16 (Hopper and later; elsewhere torch's fallback reads them as `split` does), with
-        16-byte aligned rows, and only while every expert is the plain SwiGLU of `Linear`s (LoRA-wrapped
+        16-byte aligned rows, and only while every expert is the plain SwiGLU of `nn.Linear`s (LoRA-wrapped
         projections take `split`; forward hooks on the experts' projections would not run)."""
         if self.grouped_mm is not None:
             return self.grouped_mm
@@ -347,7 +325,7 @@ class MoE(nn.Module):
         dtype = compute_dtype(x.device, x.dtype)
         ffn = self.experts[0].gate_proj.weight.shape[0]
         plain = all(
-            type(e) is FeedForward and all(type(p) is Linear for p in (e.gate_proj, e.up_proj, e.down_proj))
+            type(e) is FeedForward and all(type(p) is nn.Linear for p in (e.gate_proj, e.up_proj, e.down_proj))
             for e in self.experts
         )
         return dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and ffn % 8 == 0 and plain
@@ -375,33 +353,6 @@ class Block(nn.Module):
 # The model
 
 
-def module_tree(model: nn.Module) -> list[tuple[nn.Module, tuple, tuple]]:
-    """Every module with its children and parameters (None for an absent bias) as they are now: a
-    snapshot that `tree_status` compares against by identity."""
-    return [(m, tuple(m._modules.values()), tuple(m._parameters.values())) for m in model.modules()]
-
-
-def tree_status(tree: list[tuple[nn.Module, tuple, tuple]]) -> str:
-    """ "hooked" when a forward (pre-)hook is registered on a module of a `module_tree` snapshot or
-    globally; else "changed" when a module or parameter was replaced, added or removed since (by any
-    route: setattr, `del`, torch.func.functional_call, an `_apply` that swaps parameters); else "same"."""
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return "hooked"
-    status = "same"
-    for m, children, params in tree:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return "hooked"
-        now_children, now_params = m._modules.values(), m._parameters.values()
-        if (  # by identity (`==` on tensors compares their values)
-            len(now_children) != len(children)
-            or len(now_params) != len(params)
-            or not all(map(operator.is_, now_children, children))
-            or not all(map(operator.is_, now_params, params))
-        ):
-            status = "changed"
-    return status
-
-
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T or logits_to_keep, vocab)
@@ -417,12 +368,11 @@ class MiniMind(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg)
         self.grad_checkpointing = False
-        self._decode_weights: tuple[list, list[torch.Tensor | None] | None] = ([], None)  # see decode_weights
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -477,10 +427,6 @@ class MiniMind(nn.Module):
         device = input_ids.device
         if position_ids is None:
             position_ids = positions_from(T, past, attention_mask, segment_ids, device)
-        if T == 1 and cache is not None and segment_ids is None and not (self.training and self.cfg.dropout):
-            out = self.decode_natively(input_ids, attention_mask, position_ids, cache, return_hidden)
-            if out is not None:
-                return out
         dropout = self.training and self.cfg.dropout > 0
         rule = attention_rule(T, past, attention_mask, segment_ids)
         mask = attention.prepare(rule, B, T, past, device, packed=segment_ids is not None, dropout=dropout)
@@ -500,83 +446,6 @@ class MiniMind(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return ModelOutput(self.lm_head(h), aux * self.cfg.aux_loss_coef, hidden)
-
-    def decode_natively(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        cache: KVCache,
-        return_hidden: bool,
-    ) -> ModelOutput | None:
-        """One decode step (one new token per row) as a single native kernel call on x86-64 CPUs, the
-        same computation as the loop in `forward`; None where it does not apply (see `decode_weights`,
-        `native.decode_step`)."""
-        weights = self.decode_weights() if native.step_may_apply(input_ids.device, input_ids.shape[0]) else None
-        if weights is None:
-            return None
-        cos, sin = self.rotary(position_ids)
-        keep = None
-        if attention_mask is not None:  # the new token always sees itself, as in attention_rule
-            keep = attention_mask != 0
-            keep[:, -1] = True
-        h = self.embed_tokens(input_ids)[:, 0]
-        out = native.decode_step(
-            weights, self.norm.weight, self.lm_head.weight, h, cos[:, 0, 0], sin[:, 0, 0], keep, cache,
-            self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.rms_norm_eps,
-        )  # fmt: skip
-        if out is None:
-            return None
-        cache.length += 1
-        logits, hidden = out
-        zero = torch.zeros((), device=h.device)
-        return ModelOutput(logits[:, None], zero, hidden[:, None] if return_hidden else None)
-
-    def decode_weights(self) -> list[torch.Tensor | None] | None:
-        """Per layer, the 11 weights the fused native decode step reads (decode.c's order; no q/k norm:
-        None); None unless every layer is the plain dense block (`Linear` projections, `RMSNorm`s,
-        SwiGLU: LoRA-wrapped projections and MoE take the module-by-module path) and no module has a
-        forward hook (it would not run).
-
-        Walking the modules by attribute costs ~0.5 ms (a twentieth of a step), so the list is kept
-        with a snapshot of the module tree, and checked against it every step (~60-150 us): any module
-        or parameter replaced, added or removed since, by whatever route, rebuilds it."""
-        tree, weights = self._decode_weights
-        status = tree_status(tree) if tree else "changed"
-        if status == "changed":
-            tree, weights = module_tree(self), self._find_decode_weights()
-            self._decode_weights = (tree, weights)
-            status = tree_status(tree)
-        return weights if status == "same" else None
-
-    def _find_decode_weights(self) -> list[torch.Tensor | None] | None:
-        c = self.cfg
-        if type(self.lm_head) is not Linear or type(self.norm) is not RMSNorm or self.lm_head.bias is not None:
-            return None
-        out: list[torch.Tensor | None] = []
-        for layer in self.layers:
-            if type(layer) is not Block or type(layer.self_attn) is not Attention or type(layer.mlp) is not FeedForward:
-                return None
-            a, f = layer.self_attn, layer.mlp
-            norms = (layer.input_layernorm, layer.post_attention_layernorm) + (
-                (a.q_norm, a.k_norm) if a.qk_norm else ()
-            )
-            projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj)
-            if any(type(n) is not RMSNorm or n.eps != c.rms_norm_eps for n in norms):
-                return None
-            if any(type(p) is not Linear or p.bias is not None for p in projs):
-                return None
-            qn, kn = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
-            out += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, qn, kn]
-            out += [a.o_proj.weight, layer.post_attention_layernorm.weight]
-            out += [f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight]
-            q, kv, F = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, f.gate_proj.weight.shape[0]
-            shapes = [(c.hidden_size,), (q, c.hidden_size), (kv, c.hidden_size), (kv, c.hidden_size)]
-            shapes += [(c.head_dim,), (c.head_dim,)] if a.qk_norm else [None, None]
-            shapes += [(c.hidden_size, q), (c.hidden_size,), (F, c.hidden_size), (F, c.hidden_size), (c.hidden_size, F)]
-            if any(t is not None and tuple(t.shape) != shape for t, shape in zip(out[-11:], shapes)):
-                return None
-        return out
 
     # ---- bookkeeping -------------------------------------------------------------------------
 

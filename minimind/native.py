@@ -12,7 +12,8 @@ torch's own (the runtime `torch` already loaded), sized by `torch.get_num_thread
 
 Once the module calls themselves were a third of a step (~100 Python calls, each ~15-50 us), a dense
 model's whole decode step became one call, `decode_step`, in one parallel region; the per-module
-kernels remain for what it does not cover (LoRA-wrapped projections, MoE, forward hooks).
+kernels remain for what it does not cover (LoRA-wrapped projections, MoE). `minimind.fastdecode` runs
+a model's decode step through these functions; the sampler chooses it.
 
 Where it cannot help or cannot build (not Linux x86-64 with AVX2, no C compiler, autograd on,
 other dtypes or devices, more than `MAX_ROWS` rows (`MAX_STEP_ROWS` for the fused step), more than
@@ -116,7 +117,7 @@ def load() -> ctypes.CDLL | None:
                 _kernel, _state = lib, "ready"
             except (OSError, RuntimeError) as e:
                 warnings.warn(f"native decode kernels unavailable, torch does their work: {e}", stacklevel=2)
-    return _kernel
+    return _kernel if _state == "ready" else None
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -217,12 +218,6 @@ def decode_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return y
 
 
-def step_may_apply(device: torch.device, rows: int) -> bool:
-    """Whether `decode_step` could run now for `rows` rows on `device` (not switched off, autograd off,
-    CPU, at most MAX_STEP_ROWS rows): a cheap check before preparing its arguments."""
-    return _state != "off" and device.type == "cpu" and rows <= MAX_STEP_ROWS and not torch.is_grad_enabled()
-
-
 def decode_step(
     weights: list[torch.Tensor | None],
     norm: torch.Tensor,
@@ -241,7 +236,7 @@ def decode_step(
     overwrites; the cache gets their keys and values at position `cache.length`.
 
     What the modules compute with the kernels above, one Python call instead of ~100 (a third of a
-    step at batch 16). weights: per layer, the STEP_WEIGHTS tensors of `MiniMind.decode_weights` (decode.c's
+    step at batch 16). weights: per layer, the STEP_WEIGHTS tensors of `fastdecode.step_weights` (decode.c's
     order); cos, sin: (M, Dh) at each row's position; keep: None or bool (M, length + 1), True where a
     key may be seen.
     """

@@ -116,6 +116,14 @@ def test_no_import_cycle():
     assert cycles() == []
 
 
+def test_the_model_file_knows_no_fast_path():
+    """model.py is the spec: the native decode path is the sampler's choice (generate -> fastdecode ->
+    native), never reached from the model (which imports only the config and the attention masks)."""
+    assert imports("minimind.model") == {"minimind.attention", "minimind.config"}
+    assert "minimind.fastdecode" in imports("minimind.generate")
+    assert "minimind.native" not in imports("minimind.attention")
+
+
 def test_the_cycle_finder_finds_a_cycle(monkeypatch):
     """The check itself: two modules that import each other are reported."""
     fake = {"a": {"b"}, "b": {"a"}, "c": {"a"}}

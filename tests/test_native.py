@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import sharp_model, tiny_config
 
 from minimind import native
+from minimind.fastdecode import FastDecoder, step_weights
 from minimind.generate import SamplingParams, generate
 from minimind.lora import LoRAConfig, inject
 from minimind.model import KVCache, MiniMind, RotaryEmbedding, apply_rope
@@ -243,6 +244,24 @@ def test_decoding_with_the_kernels_matches_torch(monkeypatch, kind, padded, fuse
         torch.testing.assert_close(torch.tensor(f.logprobs), torch.tensor(s.logprobs), atol=1e-4, rtol=1e-4)
 
 
+def decode_steps(model: MiniMind, ids, mask, steps, fast: str | None) -> tuple[list[torch.Tensor], KVCache]:
+    """Prefill `ids` (B, T), then one decode step per column of `steps` (B, S), with the padding `mask`
+    (B, T + S) or None: by the model (fast None) or by a FastDecoder with the given plan."""
+    B, T = ids.shape
+    cache = KVCache(model.cfg, B, T + steps.shape[1])
+    decoder = FastDecoder(model)
+    if fast is not None:
+        assert decoder.plan is not None
+        decoder.plan = fast
+    outs = []
+    with torch.no_grad():
+        model(ids, attention_mask=None if mask is None else mask[:, :T], cache=cache)
+        for i in range(steps.shape[1]):
+            tok, m = steps[:, i : i + 1], None if mask is None else mask[:, : T + i + 1]
+            outs.append(decoder.step(tok, m, cache) if fast else model(tok, attention_mask=m, cache=cache).logits[:, 0])
+    return outs, cache
+
+
 @needs_kernel
 @pytest.mark.parametrize(
     "shape,rows",
@@ -251,171 +270,114 @@ def test_decoding_with_the_kernels_matches_torch(monkeypatch, kind, padded, fuse
      (dict(hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=131, tie_word_embeddings=False), 1),
      (dict(hidden_size=24, num_heads=3, num_kv_heads=3, intermediate_size=40), 33)],
 )  # fmt: skip
-def test_fused_step_equals_torch_on_odd_shapes(monkeypatch, shape, rows):
+def test_fused_step_equals_torch_on_odd_shapes(shape, rows):
     """Sizes that are not multiples of the kernels' tiles (8 floats, 3 weight rows, 4 rows of x), head
     sizes 10, 18 and 64 (the register path), grouped and plain attention, an untied head: the fused step's
-    logits over several padded steps equal torch's."""
+    logits over several padded steps equal the model's."""
     model = sharp_model("gqa", **shape)
     gen = torch.Generator().manual_seed(rows)
     ids = torch.randint(1, 512, (rows, 6), generator=gen)
     mask = torch.ones(rows, 10, dtype=torch.long)
     mask[::2, :2] = 0  # every other row left-padded by 2
     steps = torch.randint(1, 512, (rows, 4), generator=gen)
-
-    def run() -> list[torch.Tensor]:
-        cache = KVCache(model.cfg, rows, 10)
-        with torch.no_grad():
-            model(ids, attention_mask=mask[:, :6], cache=cache)
-            return [model(steps[:, i : i + 1], attention_mask=mask[:, : 7 + i], cache=cache).logits for i in range(4)]
-
-    assert model.decode_weights() is not None
-    fast = run()
-    monkeypatch.setattr(native, "_state", "off")
-    for f, s in zip(fast, run()):
+    assert FastDecoder(model).plan == "fused"
+    for f, s in zip(decode_steps(model, ids, mask, steps, "fused")[0], decode_steps(model, ids, mask, steps, None)[0]):
         torch.testing.assert_close(f, s, atol=2e-4, rtol=1e-4)
 
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["gqa", "qk_norm"])
 def test_fused_step_equals_the_module_by_module_kernels(kind):
-    """One fused call computes what the modules compute with the per-module kernels: logits, final hidden
-    states and the cache rows written agree to float32 rounding (same products, same order; only SiLU's
-    exp differs), over several steps with padding."""
+    """One fused call computes what the per-module kernels compute: logits and the cache rows written agree
+    to float32 rounding (same products, same order; only SiLU's exp differs), over several padded steps."""
     model = sharp_model(kind)
     ids = torch.tensor([[0, 0, 5, 17, 42], [7, 8, 9, 10, 11]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
-    tokens = torch.tensor([[3], [4]])
-    runs = []
-    for fused in (True, False):
-        cache = KVCache(model.cfg, 2, 9)
-        outs = []
-        with torch.no_grad():
-            model(ids, attention_mask=mask[:, :5], cache=cache)
-            for step in range(4):
-                weights = model.decode_weights
-                if not fused:
-                    model.decode_weights = lambda: None
-                outs.append(model(tokens + step, attention_mask=mask[:, : 6 + step], cache=cache, return_hidden=True))
-                model.decode_weights = weights
-        runs.append((outs, cache))
-    (fused_outs, fused_cache), (module_outs, module_cache) = runs
-    for f, m in zip(fused_outs, module_outs):
-        torch.testing.assert_close(f.logits, m.logits, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(f.hidden, m.hidden, atol=1e-5, rtol=1e-5)
+    steps = torch.tensor([[3, 4, 5, 6], [4, 5, 6, 7]])
+    fused, fused_cache = decode_steps(model, ids, mask, steps, "fused")
+    modules, module_cache = decode_steps(model, ids, mask, steps, "modules")
+    for f, m in zip(fused, modules):
+        torch.testing.assert_close(f, m, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused_cache.k, module_cache.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused_cache.v, module_cache.v, atol=1e-5, rtol=1e-5)
     assert fused_cache.length == module_cache.length == 9
 
 
-def test_fused_step_weights_follow_the_modules():
-    """The fused step's weight list is cached, and a LoRA injection, a replaced projection or norm
-    (after which it would compute the wrong model) drops it."""
+@needs_kernel
+def test_the_plan_follows_the_modules():
+    """The fused step reads the model's own weights; a LoRA injection, a replaced norm or MoE take the
+    module-by-module kernels; a replaced projection is read from where it is now; a forward hook or
+    dropout in training leaves decoding to the model."""
     model = sharp_model("gqa")
-    weights = model.decode_weights()
-    assert weights is not None and len(weights) == native.STEP_WEIGHTS * model.cfg.num_layers
-    assert weights[1] is model.layers[0].self_attn.q_proj.weight and weights[4] is None  # no q/k norm
-    assert model.decode_weights() is weights  # cached
-    inject(model, LoRAConfig(rank=2, targets=["v_proj"]))
-    assert model.decode_weights() is None
-    other = sharp_model("gqa")
-    assert other.decode_weights() is not None
-    other.layers[1].mlp.up_proj = torch.nn.Linear(64, other.cfg.intermediate_size, bias=False)
-    assert other.decode_weights() is None
+    decoder = FastDecoder(model)
+    assert decoder.plan == "fused" and len(decoder.weights) == native.STEP_WEIGHTS * model.cfg.num_layers
+    assert decoder.weights[1] is model.layers[0].self_attn.q_proj.weight and decoder.weights[4] is None  # no q/k norm
+    model.layers[1].mlp.up_proj = torch.nn.Linear(64, model.cfg.intermediate_size, bias=False)
+    assert FastDecoder(model).weights[native.STEP_WEIGHTS + 9] is model.layers[1].mlp.up_proj.weight
+    model.layers[1].mlp.up_proj = torch.nn.Linear(64, model.cfg.intermediate_size, bias=True)
+    assert FastDecoder(model).plan == "modules"
+    assert FastDecoder(lora_model()).plan == "modules"
     normless = sharp_model("gqa")
     normless.layers[0].input_layernorm = torch.nn.Identity()
-    assert normless.decode_weights() is None
-    assert sharp_model("moe").decode_weights() is None
+    assert FastDecoder(normless).plan == "modules"
+    assert FastDecoder(sharp_model("moe")).plan == "modules"
+    hooked = sharp_model("gqa")
+    hooked.layers[1].register_forward_pre_hook(lambda *a: None)
+    assert FastDecoder(hooked).plan is None
+    with torch.nn.modules.module.register_module_forward_hook(lambda *a: None):
+        assert FastDecoder(model).plan is None
+    dropout = MiniMind(tiny_config("gqa", dropout=0.1))
+    assert FastDecoder(dropout.train()).plan is None and FastDecoder(dropout.eval()).plan == "fused"
 
 
-def decode_once(model: MiniMind) -> torch.Tensor:
-    """Logits of one decode step after a 4-token prefill."""
-    cache = KVCache(model.cfg, 2, 5)
-    with torch.no_grad():
-        model(torch.tensor([[5, 17, 42, 9], [7, 8, 9, 10]]), cache=cache)
-        return model(torch.tensor([[3], [4]]), cache=cache).logits
+def test_the_model_computes_the_same_way_in_every_grad_mode_and_batch_size(monkeypatch):
+    """model.py is the spec: no native kernel runs under it, with or without gradients, at any row count
+    (evaluation and reward scoring see the numbers training sees), and a cached decode step without
+    gradients gives bit for bit what it gives with them."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a native kernel ran under the model")
+
+    for name in ("decode_step", "decode_linear", "decode_attention", "decode_rmsnorm"):
+        monkeypatch.setattr(native, name, refuse)
+    for kind in ("gqa", "qk_norm", "moe"):
+        model = sharp_model(kind)
+        ids = torch.tensor([[5, 17, 42, 9], [7, 8, 9, 10]])
+        outs = []
+        for grad in (True, False):
+            cache = KVCache(model.cfg, 2, 5)
+            with torch.set_grad_enabled(grad):
+                model(ids, cache=cache)
+                outs.append(model(torch.tensor([[3], [4]]), cache=cache).logits.detach())
+                model(ids.repeat(20, 1))  # 40 rows
+        assert torch.equal(outs[0], outs[1])
 
 
 @needs_kernel
-def test_fused_step_sees_every_way_weights_change(monkeypatch):
-    """Routes that swap modules or parameters without registering anything (torch.func.functional_call,
-    `del` on the layer list, an `_apply` that replaces parameters) still give the model as it is now: the
-    same logits as torch alone."""
-    from torch.func import functional_call
-
+def test_fused_step_applies_up_to_max_step_rows(monkeypatch):
+    """Up to MAX_STEP_ROWS rows a decode step is one fused call (it is faster than torch there); beyond,
+    the module-by-module kernels run, and both give the model's logits."""
+    model = sharp_model("gqa")
+    n = native.MAX_STEP_ROWS
+    ids = torch.randint(0, 512, (n + 1, 5), generator=torch.Generator().manual_seed(0))
     fused = []
     real_step = native.decode_step
     monkeypatch.setattr(native, "decode_step", lambda *a: fused.append(real_step(*a)) or fused[-1])
-    model = sharp_model("gqa")
-    decode_once(model)  # the weight list is built and cached
-    assert fused and fused[-1] is not None
-    other = {k: v * 1.5 for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
-
-    def reference(m: MiniMind) -> torch.Tensor:
-        with monkeypatch.context() as mp:
-            mp.setattr(native, "_state", "off")
-            return decode_once(m)
-
-    def run_functional(m: MiniMind) -> torch.Tensor:
-        cache = KVCache(m.cfg, 2, 5)
-        with torch.no_grad():
-            functional_call(m, other, (torch.tensor([[5, 17, 42, 9], [7, 8, 9, 10]]),), {"cache": cache})
-            return functional_call(m, other, (torch.tensor([[3], [4]]),), {"cache": cache}).logits
-
-    fast = run_functional(model)
-    assert fused[-1] is not None  # the fused step ran (with the swapped weights)
-    with monkeypatch.context() as mp:
-        mp.setattr(native, "_state", "off")
-        slow = run_functional(model)
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)  # back to its own
-    del model.layers[1]
-    model.cfg.num_layers = 1
-    fused.clear()
-    torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)
-    assert fused[0] is not None
-    previous = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        model.double().float()  # new Parameter objects, assigned straight into _parameters
-        with torch.no_grad():
-            model.layers[0].mlp.up_proj.weight.mul_(2.0)
-        fused.clear()
-        torch.testing.assert_close(decode_once(model), reference(model), atol=1e-4, rtol=1e-4)
-        assert fused[0] is not None
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(previous)
-
-
-@needs_kernel
-def test_fused_step_applies_up_to_max_step_rows():
-    """Up to MAX_STEP_ROWS rows a decode step is one fused call (it is faster than torch there); beyond,
-    the modules run, and both give the same logits."""
-    model = sharp_model("gqa")
-    n = native.MAX_STEP_ROWS
-    ids = torch.randint(0, 512, (n + 1, 4), generator=torch.Generator().manual_seed(0))
     logits = {}
     for rows in (n, n + 1):
-        cache = KVCache(model.cfg, rows, 5)
-        with torch.no_grad():
-            model(ids[:rows], cache=cache)
-            h = model.embed_tokens(ids[:rows, -1])
-            cos, sin = model.rotary(torch.tensor([[4]]))
-            fused = native.decode_step(
-                model.decode_weights(), model.norm.weight, model.lm_head.weight, h, cos[:, 0, 0], sin[:, 0, 0],
-                None, cache, model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.rms_norm_eps,
-            )  # fmt: skip
-            assert (fused is None) == (rows > n)
-            logits[rows] = model(ids[:rows, -1:], cache=cache).logits[:, 0]  # (cache.length was not advanced)
-            if fused is not None:
-                torch.testing.assert_close(fused[0], logits[rows])  # the direct call is the model's step
-    torch.testing.assert_close(logits[n], logits[n + 1][:n], atol=1e-5, rtol=1e-5)
+        fused.clear()
+        logits[rows] = decode_steps(model, ids[:rows, :4], None, ids[:rows, 4:], "fused")[0][0]
+        assert len(fused) == (rows <= n)
+        reference = decode_steps(model, ids[:rows, :4], None, ids[:rows, 4:], None)[0][0]
+        torch.testing.assert_close(logits[rows], reference, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[n], logits[n + 1][:n], atol=2e-4, rtol=1e-4)
 
 
 @needs_kernel
 def test_shapes_the_kernels_would_overrun_are_refused():
     """A cache made for another batch size, or a mask that does not cover the cache, gets a clear error
-    from the model before any kernel runs; the kernels themselves also refuse such a cache (they would
-    read or write past the tensors)."""
+    from the model; the kernels themselves also refuse such a cache (they would read or write past the
+    tensors)."""
     model = sharp_model("gqa")
     tokens = torch.tensor([[7], [10]])
     small = KVCache(model.cfg, 1, 8)
@@ -433,7 +395,7 @@ def test_shapes_the_kernels_would_overrun_are_refused():
     q, kv, cos = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.ones(2, 1, 1, 16)
     with torch.no_grad():
         assert native.decode_attention(q, kv, kv, cos, cos, small, 0, None) is None
-        h, weights = torch.randn(2, 64), model.decode_weights()
+        h, weights = torch.randn(2, 64), step_weights(model)
         args = (model.norm.weight, model.lm_head.weight, h, cos[:, 0, 0], cos[:, 0, 0])
         assert native.decode_step(weights, *args, None, small, 4, 2, 1e-5) is None
         assert native.decode_step(weights, *args, None, deeper, 4, 2, 1e-5) is None  # 8 layers, not 2
@@ -441,27 +403,21 @@ def test_shapes_the_kernels_would_overrun_are_refused():
         assert native.decode_step(weights, *args, torch.ones(2, 4, dtype=torch.bool), cache, 4, 2, 1e-5) is not None
 
 
-def test_fused_step_leaves_forward_hooks_and_masks_alone():
-    """A forward hook (on a layer, or global) sends decoding through the modules, so it runs; the
-    caller's attention mask is not modified."""
+def test_decoding_leaves_forward_hooks_and_masks_alone():
+    """A forward hook makes the sampler decode with the model, so the hook runs at every step; the
+    caller's attention mask is not modified by a native step."""
     model = sharp_model("gqa")
     seen = []
     handle = model.layers[1].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
-    assert model.decode_weights() is None
+    generate(model, [[5, 6], [7, 8, 9]], SamplingParams(max_new_tokens=4, temperature=0))
+    assert [s[1] for s in seen] == [3, 1, 1, 1]  # the prefill, then every decode step
+    handle.remove()
     cache = KVCache(model.cfg, 2, 8)
     mask = torch.tensor([[False, True, True, False], [True, True, True, False]])
     with torch.no_grad():
         model(torch.tensor([[0, 5, 6], [7, 8, 9]]), attention_mask=mask[:, :3], cache=cache)
-        model(torch.tensor([[1], [2]]), attention_mask=mask, cache=cache)
-    assert len(seen) == 2 and seen[1] == (2, 1, 64)  # the hook ran on the decode step
-    handle.remove()
-    assert model.decode_weights() is not None
-    with torch.nn.modules.module.register_module_forward_hook(lambda *a: None):
-        assert model.decode_weights() is None
-    last = torch.tensor([[False, True, True, True, False], [True, True, True, True, False]])
-    with torch.no_grad():
-        model(torch.tensor([[3], [4]]), attention_mask=last, cache=cache)
-    assert last[:, -1].tolist() == [False, False]  # the new token sees itself, but not by writing here
+        FastDecoder(model).step(torch.tensor([[1], [2]]), mask, cache)
+    assert mask[:, -1].tolist() == [False, False]  # the new token sees itself, but not by writing here
 
 
 @needs_kernel
