@@ -209,17 +209,15 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **config_o
 
 
 def add_arguments(p: Any) -> None:
-    from minimind.config import PRESETS, add_dataclass_args
+    from minimind.config import PRESETS
+    from minimind.options import add_options
 
     p.add_argument("--preset", required=True, choices=list(PRESETS))
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory or tokenizer.json")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--seed", type=int, default=42)
-    add_dataclass_args(
-        p,
-        ModelConfig,
-        skip=("pad_token_id", "bos_token_id", "eos_token_id"),
-        title="model overrides (on top of the preset)",
+    add_options(
+        p, ModelConfig, "model overrides (on top of the preset)", skip=("pad_token_id", "bos_token_id", "eos_token_id")
     )
 
 
@@ -269,11 +267,9 @@ def init_run(preset_name: str, tokenizer: Tokenizer, out: str | Path, seed: int 
 
 
 def main(args: Any) -> None:
-    from minimind.config import dataclass_overrides
+    from minimind.options import given
 
-    model = init_run(
-        args.preset, Tokenizer.load(args.tokenizer), args.out, args.seed, **dataclass_overrides(args, ModelConfig)
-    )
+    model = init_run(args.preset, Tokenizer.load(args.tokenizer), args.out, args.seed, **given(args, ModelConfig))
     c = model.cfg
     active = f", {model.num_params(active=True) / 1e6:.2f}M active" if c.use_moe else ""
     print(

@@ -7,15 +7,12 @@ reproduce upstream MiniMind's published parameter counts (tests pin them).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
 from minimind.errors import ConfigError
+from minimind.options import opt
 
 
 def default_intermediate_size(hidden_size: int) -> int:
@@ -158,89 +155,40 @@ def preset_of(cfg: ModelConfig) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Dataclass <-> argparse: every field becomes `--field-name VALUE`, defaulting to "not given".
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _field_type(cls: type, f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(cls)[f.name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def add_dataclass_args(
-    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), title: str | None = None
-) -> None:
-    """Add one optional flag per dataclass field; unset flags stay None so presets win."""
-    group = parser.add_argument_group(title or f"{cls.__name__} overrides")
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        typ = _field_type(cls, f)
-        conv = _parse_bool if typ is bool else typ
-        default = f.default if f.default is not dataclasses.MISSING else None
-        # Booleans work bare (`--compile`) or with a value (`--compile false`, for YAML overrides).
-        extra: dict[str, Any] = {"nargs": "?", "const": True} if typ is bool else {}
-        group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=conv,
-            default=None,
-            metavar=typ.__name__.upper(),
-            help=f"(default: {default!r})",
-            **extra,
-        )
-
-
-def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The fields of `cls` that were given on the command line."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-
-
 @dataclass
 class TrainConfig:
     """Options of the training engine, shared by every stage (stages add their own on top)."""
 
-    out: str = ""
-    max_seq_len: int = 512
-    batch_size: int = 32  # rows per micro-batch per process
-    accumulation: int = 8  # micro-batches per optimizer step
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = -1  # -1: 1% of the steps, at least 1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    epochs: int = 1
-    max_steps: int = 0  # 0: as many as `epochs` passes over the data take
-    seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
-    compile: bool = False
-    grad_checkpointing: bool = False
-    save_every: int = 0  # 0: only at the end
-    log_every: int = 10
-    resume: bool = False
-    doc_mask: bool = False  # keep attention inside each packed document
-    skip_bad_lines: bool = False
-    cache_dir: str = ""
-    wandb: bool = False
-    swanlab: bool = False  # SwanLab; offline (RUN_DIR/swanlog) unless SWANLAB_MODE or SWANLAB_API_KEY say otherwise
-    tensorboard: bool = False
-    fsdp: bool = False  # FSDP2 under torchrun: weights, gradients and optimizer state sharded per block
-    zero: int = 0  # DeepSpeed ZeRO stage 1, 2 or 3 (under deepspeed or torchrun)
-    deepspeed: str = ""  # a DeepSpeed JSON config (zero_optimization, offload); batch and precision stay ours
+    out: str = opt("", "the run directory this stage writes", metavar="RUN_DIR")
+    max_seq_len: int = opt(512, "tokens per row")
+    batch_size: int = opt(32, "rows per micro-batch per process")
+    accumulation: int = opt(8, "micro-batches per optimizer step")
+    lr: float = opt(5e-4, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = opt(-1, "linear warmup steps; -1: 1% of the steps, at least 1")
+    weight_decay: float = opt(0.1, "AdamW's decoupled weight decay")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
+    epochs: int = opt(1, "passes over the data")
+    max_steps: int = opt(0, "stop after this many optimizer steps; 0: as many as --epochs take")
+    seed: int = opt(42, "seed of the data order, initial weights and sampling")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16")
+    compile: bool = opt(False, "torch.compile the model")
+    grad_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
+    save_every: int = opt(0, "write a checkpoint every N steps; 0: only at the end")
+    log_every: int = opt(10, "print and log every N steps")
+    resume: bool = opt(False, "continue the run in --out exactly where it stopped")
+    doc_mask: bool = opt(False, "keep attention inside each packed document")
+    skip_bad_lines: bool = opt(False, "skip malformed records (counted and reported) instead of stopping")
+    cache_dir: str = opt("", "token caches (default: $MINIMIND_CACHE or ~/.cache/minimind, /tokens)", metavar="DIR")
+    wandb: bool = opt(False, "log to Weights & Biases")
+    swanlab: bool = opt(False, "log to SwanLab; offline (RUN_DIR/swanlog) unless SWANLAB_MODE or SWANLAB_API_KEY")
+    tensorboard: bool = opt(False, "log to TensorBoard (RUN_DIR/tensorboard)")
+    fsdp: bool = opt(False, "FSDP2 under torchrun: weights, gradients and optimizer state sharded per block")
+    zero: int = opt(0, "DeepSpeed ZeRO stage 1, 2 or 3 (under deepspeed or torchrun)")
+    deepspeed: str = opt("", "a DeepSpeed JSON config (zero_optimization, offload)", metavar="FILE.json")
 
     def validate(self) -> None:
         if not self.out:
@@ -252,44 +200,3 @@ class TrainConfig:
             raise ConfigError("lr must be positive")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-
-
-def load_yaml_config(path: str) -> dict[str, Any]:
-    """Flags from a YAML file (keys as on the command line, with - or _)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        """YAML 1.1 reads `1e-3` (no dot) as a string; read it as the float everyone means."""
-
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"),
-    )
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=Loader) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def merge_options(args: argparse.Namespace, cls: type, stage_defaults: dict[str, Any] | None = None) -> Any:
-    """cls(field defaults < the stage's defaults < YAML from --config < flags given explicitly)."""
-    values: dict[str, Any] = dict(stage_defaults or {})
-    if getattr(args, "config", None):
-        yaml_values = load_yaml_config(args.config)
-        known = {f.name for f in fields(cls)} | set(vars(args))
-        unknown = sorted(set(yaml_values) - known)
-        if unknown:
-            raise ConfigError(f"{args.config}: unknown options {unknown}")
-        values.update({k: v for k, v in yaml_values.items() if k in {f.name for f in fields(cls)}})
-        for k, v in yaml_values.items():  # stage options (e.g. data, preset) that are not in cls
-            if getattr(args, k, None) in (None, False, []):
-                setattr(args, k, v)
-    values.update(dataclass_overrides(args, cls))
-    return cls(**values)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from minimind.errors import CheckpointError, ConfigError
 from minimind.fileio import atomic_write, atomic_write_text
+from minimind.options import opt
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,11 +36,12 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    name: str = "adapter"
+    rank: int = opt(8, "rank r of the update B A")
+    alpha: float = opt(16.0, "scaling = alpha / rank")
+    dropout: float = opt(0.0, "dropout on the adapter's input", flag="--lora-dropout")
+    targets: list[str] = opt(list(DEFAULT_TARGETS), "comma-separated linear layer names", flag="--target",
+                             parse=lambda s: [t for t in s.split(",") if t], metavar="NAMES")  # fmt: skip
+    name: str = opt("adapter", "adapter name (default out: RUN_DIR/lora/NAME)")
 
     @property
     def scaling(self) -> float:

@@ -383,12 +383,13 @@ def test_bool_flags_work_bare_and_with_values():
     """`--compile --resume` as the issue spells them, and `--doc-mask false` to beat a YAML value."""
     import argparse
 
-    from minimind.config import TrainConfig, add_dataclass_args, dataclass_overrides
+    from minimind.config import TrainConfig
+    from minimind.options import add_options, given
 
     p = argparse.ArgumentParser()
-    add_dataclass_args(p, TrainConfig)
+    add_options(p, TrainConfig, "training")
     args = p.parse_args(["--compile", "--resume", "--doc-mask", "false", "--batch-size", "4"])
-    assert dataclass_overrides(args, TrainConfig) == {
+    assert given(args, TrainConfig) == {
         "compile": True,
         "resume": True,
         "doc_mask": False,

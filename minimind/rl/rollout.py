@@ -37,6 +37,7 @@ from minimind.engine import autocast
 from minimind.errors import ConfigError
 from minimind.generate import SamplingParams, generate, row_key
 from minimind.losses import entropy_from_logits, policy_loss
+from minimind.options import opt
 from minimind.rl.rewards import RewardFn, Rewards
 from minimind.tokenizer import Tokenizer
 
@@ -45,18 +46,20 @@ from minimind.tokenizer import Tokenizer
 class RLOptions:
     """What every RL stage takes beyond the engine's TrainConfig (recorded in run.json for --resume)."""
 
-    reward: str = ""
-    num_generations: int = 8  # G completions per prompt
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    beta: float = 0.02  # weight of the k3 KL to the reference; 0: no reference model at all
-    clip: float = 0.2
-    clip_high: float = 0.0  # 0: same as clip
-    loss: str = "grpo"  # grpo | dr_grpo | cispo
-    ppo_epochs: int = 1  # optimizer steps per rollout
-    think: bool | None = None  # the generation prompt opens a <think> block (True), skips it (False)
-    eval_tokens: int = 0  # reply length of the held-out check (0: max_new_tokens)
-    eval_samples: int = 4  # replies sampled per held-out prompt in the check (0: greedy only)
+    reward: str = opt("", "reward spec, e.g. rule:math, rule:math+0.2*rule:format, rm:RUN_DIR, hf:PATH",
+                      metavar="SPEC")  # fmt: skip
+    num_generations: int = opt(8, "completions sampled per prompt (G)")
+    max_new_tokens: int = opt(256, "longest completion")
+    temperature: float = opt(1.0, "sampling temperature (full distribution: no top-k/top-p in RL)")
+    beta: float = opt(0.02, "weight of the k3 KL to the reference (0: no reference model)")
+    clip: float = opt(0.2, "ratio clip epsilon")
+    clip_high: float = opt(0.0, "upper clip epsilon (DAPO's clip-higher; 0: same as --clip)")
+    loss: str = opt("grpo", "grpo | dr_grpo | cispo")
+    ppo_epochs: int = opt(1, "optimizer steps on each rollout")
+    ref: str = opt("", "the frozen reference model (default: the --from run)", metavar="RUN_DIR")
+    think: bool | None = opt(None, "open a <think> block in the generation prompt", negate="--no-think")
+    eval_tokens: int = opt(0, "reply length of the held-out check (0: --max-new-tokens)")
+    eval_samples: int = opt(4, "replies sampled per held-out prompt (as in training) besides the greedy one")
 
     def validate(self) -> None:
         if not self.reward:

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from minimind.checkpoint import CONFIG, RUN_INFO, Run, load_config, load_run
-from minimind.config import TrainConfig, _parse_bool, add_dataclass_args, merge_options, preset_of
+from minimind.config import TrainConfig, preset_of
 from minimind.data.chat import ChatRows, show_mask, tokenize_conversations
 from minimind.data.packing import Rows
 from minimind.data.preference import PairBatch, PairRows, read_preferences
-from minimind.engine import LossFn, RunCheckpoint, Trainer, TrainResult, autocast, evaluate_loss, lm_loss
+from minimind.engine import STATE, LossFn, RunCheckpoint, Trainer, TrainResult, autocast, evaluate_loss, lm_loss
 from minimind.errors import ConfigError
+from minimind.options import add_options, merge_options, opt
 from minimind.tokenizer import Tokenizer
 
 # ---- defaults by preset -----------------------------------------------------------------------
@@ -91,14 +92,16 @@ DPO = Defaults(
 # ---- flags, options, the run to train -----------------------------------------------------------
 
 
-def add_stage_arguments(p: Any, data_help: str, parent: bool = True) -> None:
-    """--from, --data, --eval-data, --config and every TrainConfig flag."""
+def add_stage_arguments(p: Any, data_help: str, parent: bool = True, defaults: Defaults | None = None) -> None:
+    """--from, --data, --eval-data, --config and every TrainConfig flag (its help shows the stage's
+    `defaults`)."""
     if parent:
         p.add_argument("--from", dest="parent", metavar="RUN_DIR", help="the run to start from")
     p.add_argument("--data", nargs="+", metavar="FILE", help=data_help)
     p.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out data: loss before and after training")
     p.add_argument("--config", metavar="FILE.yaml", help="options from YAML; flags given here win")
-    add_dataclass_args(p, TrainConfig, title="training")
+    shown = None if defaults is None else {**defaults.options, "lr": "by the run's preset (docs)"}
+    add_options(p, TrainConfig, "training", shown=shown)
 
 
 def run_info(run_dir: str | Path) -> dict[str, Any]:
@@ -119,6 +122,15 @@ def saved_train_config(out: str | Path) -> dict[str, Any]:
             known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "fsdp", "zero", "deepspeed"}
             return {k: v for k, v in saved.items() if k in known}
     return {}
+
+
+def own_options(args: Any, cls: type, key: str, info: dict[str, Any], resume: bool) -> Any:
+    """A stage's own options (`cls`, recorded in run.json under `key`): field defaults < (with --resume)
+    the options the run was started with < --config YAML < flags; validated."""
+    opts = merge_options(args, cls, info.get(key, {}) if resume else None)
+    if hasattr(opts, "validate"):
+        opts.validate()
+    return opts
 
 
 def stage_options(
@@ -151,17 +163,22 @@ def start_from(cfg: TrainConfig, parent: str | None) -> Run:
         return load_run(out)
     if not parent:
         raise ConfigError("--from RUN_DIR is required (the run to start from), or --resume an existing --out")
-    if (out / "train_state.pt").exists():
-        raise ConfigError(f"{out} already holds a training run; use --resume to continue it or another --out")
+    fresh_out(out)
     if Path(parent).resolve() == out.resolve():
         raise ConfigError("--out must differ from --from (the parent run is never overwritten)")
     return load_run(parent)
 
 
+def fresh_out(out: str | Path) -> None:
+    """A new run (no --resume) never writes over a training run."""
+    if (Path(out) / STATE).exists():
+        raise ConfigError(f"{out} already holds a training run; use --resume to continue it or another --out")
+
+
 def stage_info(stage: str, cfg: TrainConfig, run: Run, args: Any, **extra: Any) -> dict[str, Any]:
-    """What run.json records of a stage started from a parent run: its parent (kept across --resume),
-    preset, data, tokenizer and seed, plus the stage's own options in `extra`."""
-    parent = run.info.get("parent") if cfg.resume else (str(args.parent) if args.parent else None)
+    """What run.json records of a stage: its parent (kept across --resume), preset, data, tokenizer and
+    seed, plus the stage's own options in `extra`."""
+    parent = run.info.get("parent") if cfg.resume else (str(args.parent) if getattr(args, "parent", None) else None)
     return {
         "stage": stage,
         "parent": parent,
@@ -227,23 +244,16 @@ def fit_and_report(
 # ---- rows of conversations (SFT, LoRA, reasoning, distillation) ---------------------------------
 
 
+@dataclass
+class ConversationOptions:
+    packing: bool = opt(True, "several conversations per row; false pads one per row, as upstream does")
+    show_mask: int = opt(
+        0, "print the first N conversations with the trained tokens marked [[like this]], then exit", metavar="N"
+    )
+
+
 def add_conversation_arguments(p: Any) -> None:
-    p.add_argument(
-        "--packing",
-        type=_parse_bool,
-        nargs="?",
-        const=True,
-        default=True,
-        metavar="BOOL",
-        help="several conversations per row (default true); false pads one per row, as upstream does",
-    )
-    p.add_argument(
-        "--show-mask",
-        type=int,
-        default=0,
-        metavar="N",
-        help="print the first N conversations with the trained tokens marked [[like this]], then exit",
-    )
+    add_options(p, ConversationOptions, "conversations")
 
 
 def conversation_rows(args: Any, cfg: TrainConfig, run: Run) -> tuple[ChatRows, ChatRows | None]:
@@ -253,10 +263,11 @@ def conversation_rows(args: Any, cfg: TrainConfig, run: Run) -> tuple[ChatRows, 
     print(f"data: {data.report()} ({'reused cache' if data.reused else 'tokenized'})")
     for message in data.skipped[:5]:
         print(f"  skipped {message}", file=sys.stderr)
-    rows = ChatRows(data, cfg.max_seq_len, args.packing, tok.pad_id)
+    packing = merge_options(args, ConversationOptions).packing
+    rows = ChatRows(data, cfg.max_seq_len, packing, tok.pad_id)
     print(
         f"rows: {len(rows):,} of {cfg.max_seq_len} tokens, {rows.fill:.1%} filled "
-        f"({'packed' if args.packing else 'one conversation per row'})"
+        f"({'packed' if packing else 'one conversation per row'})"
     )
     eval_rows = None
     if args.eval_data:

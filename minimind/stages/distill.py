@@ -18,33 +18,29 @@ metrics: ce and kl (the T^2-scaled term) per trained token; on --eval-data, the 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from minimind.checkpoint import Run, new_model
-from minimind.config import (
-    PRESETS,
-    ModelConfig,
-    TrainConfig,
-    add_dataclass_args,
-    dataclass_overrides,
-    merge_options,
-)
+from minimind.config import PRESETS, ModelConfig, TrainConfig
 from minimind.data.packing import IGNORE, Batch, PackedRows, Rows
 from minimind.data.readers import iter_jsonl
 from minimind.data.tokens import tokenize_files
 from minimind.engine import Trainer
 from minimind.errors import ConfigError, DataError
 from minimind.losses import kd_kl_sum, token_cross_entropy_sum
+from minimind.options import add_options, given, merge_options, opt
 from minimind.stages.common import (
     SFT,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
     fit_and_report,
+    fresh_out,
+    own_options,
     print_masks,
     run_info,
     stage_info,
@@ -54,8 +50,6 @@ from minimind.stages.common import (
 from minimind.teacher import HF, check_vocabulary, describe_kd, evaluate_kd, load_teacher
 from minimind.tokenizer import Tokenizer
 
-# Options of the distillation loss; recorded in run.json so that --resume continues with the same ones.
-OPTIONS = {"teacher": None, "alpha": 0.5, "temperature": 1.5, "kd": "forward", "format": "auto"}
 MODEL_SKIP = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings")
 
 
@@ -63,13 +57,24 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--preset", choices=list(PRESETS), help="a fresh student of this shape (instead of --from)")
     add_stage_arguments(p, '.jsonl of {"conversations": [...]} or {"text": ...}, or .txt (one document per line)')
     add_conversation_arguments(p)
-    g = p.add_argument_group("distillation")
-    g.add_argument("--teacher", metavar="RUN_DIR|hf:DIR", help="the teacher: a run, or a transformers model folder")
-    g.add_argument("--alpha", type=float, metavar="FLOAT", help="weight of the data's CE; 1 - alpha on KL (0.5)")
-    g.add_argument("--temperature", type=float, metavar="T", help="softens both distributions (default 1.5)")
-    g.add_argument("--kd", choices=["forward", "reverse"], help="KL(teacher||student) (default) or the reverse")
-    g.add_argument("--format", choices=["auto", "sft", "text"], help="data kind (default: judged by the files)")
-    add_dataclass_args(p, ModelConfig, skip=MODEL_SKIP, title="student model overrides (with --preset)")
+    add_options(p, DistillOptions, "distillation")
+    add_options(p, ModelConfig, "student model overrides (with --preset)", skip=MODEL_SKIP)
+
+
+@dataclass
+class DistillOptions:
+    """Options of the distillation loss; recorded in run.json so that --resume continues with the same ones."""
+
+    teacher: str = opt("", "the teacher: a run, or a transformers model folder", metavar="RUN_DIR|hf:DIR")
+    alpha: float = opt(0.5, "weight of the data's CE; 1 - alpha on KL")
+    temperature: float = opt(1.5, "softens both distributions", metavar="T")
+    kd: str = opt("forward", "KL(teacher||student) (forward) or the reverse", choices=["forward", "reverse"])
+    format: str = opt("auto", "data kind (auto: judged by the files)", choices=["auto", "sft", "text"])
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ConfigError("--teacher RUN_DIR (or hf:DIR) is required")
+        check_options(self.alpha, self.temperature, self.kd)
 
 
 def check_options(alpha: float, temperature: float, kd: str) -> None:
@@ -156,7 +161,7 @@ def distill_rows(args: Any, cfg: TrainConfig, run: Run, fmt: str) -> tuple[Rows,
 
 def student_run(args: Any, cfg: TrainConfig, tok: Tokenizer) -> Run:
     """The student: the run being resumed, the --from run, or a fresh --preset sized to `tok`."""
-    overrides = dataclass_overrides(args, ModelConfig)
+    overrides = given(args, ModelConfig)
     if overrides and (cfg.resume or not args.preset):
         raise ConfigError(f"model overrides ({', '.join(overrides)}) shape a new --preset student only")
     if args.preset and (args.parent or cfg.resume):
@@ -165,8 +170,7 @@ def student_run(args: Any, cfg: TrainConfig, tok: Tokenizer) -> Run:
         return start_from(cfg, args.parent)
     if not args.preset:
         raise ConfigError("--from RUN_DIR or --preset NAME is required (the student), or --resume an existing --out")
-    if (Path(cfg.out) / "train_state.pt").exists():
-        raise ConfigError(f"{cfg.out} already holds a training run; use --resume to continue it or another --out")
+    fresh_out(cfg.out)
     return Run(new_model(args.preset, tok, cfg.seed, cfg.max_seq_len, **overrides), tok, {"stage": "init"})
 
 
@@ -180,30 +184,26 @@ def defaults(args: Any, given: TrainConfig) -> dict[str, Any]:
 def prepare(args: Any) -> tuple[Trainer, Rows | None, DistillLoss]:
     """Everything `minimind distill` trains with: the engine (student, rows, loss) and held-out rows."""
     cfg = stage_options(args, lambda given: defaults(args, given))
-    saved = run_info(cfg.out).get("distill", {}) if cfg.resume else {}
-    opts = {**OPTIONS, **saved, **{k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}}
-    if not opts["teacher"]:
-        raise ConfigError("--teacher RUN_DIR (or hf:DIR) is required")
-    check_options(opts["alpha"], opts["temperature"], opts["kd"])
-    teacher, teacher_tok = load_teacher(str(opts["teacher"]))
+    opts: DistillOptions = own_options(args, DistillOptions, "distill", run_info(cfg.out), cfg.resume)
+    teacher, teacher_tok = load_teacher(opts.teacher)
     run = student_run(args, cfg, teacher_tok)
-    check_vocabulary(opts["teacher"], teacher, teacher_tok, run)
+    check_vocabulary(opts.teacher, teacher, teacher_tok, run)
     if cfg.max_seq_len > run.cfg.max_position_embeddings:
         raise ConfigError(
             f"max_seq_len {cfg.max_seq_len} exceeds the student's max_position_embeddings "
             f"({run.cfg.max_position_embeddings})"
         )
-    if opts["format"] == "auto":
-        opts["format"] = data_format(args.data, cfg.skip_bad_lines)
-    rows, eval_rows = distill_rows(args, cfg, run, opts["format"])
-    loss = DistillLoss(teacher, run.cfg.vocab_size, opts["alpha"], opts["temperature"], opts["kd"])
+    if opts.format == "auto":
+        opts.format = data_format(args.data, cfg.skip_bad_lines)
+    rows, eval_rows = distill_rows(args, cfg, run, opts.format)
+    loss = DistillLoss(teacher, run.cfg.vocab_size, opts.alpha, opts.temperature, opts.kd)
     n_teacher = sum(p.numel() for p in teacher.parameters())
     print(
-        f"teacher {opts['teacher']}: {n_teacher / 1e6:.2f}M params -> student {run.model.num_params() / 1e6:.2f}M; "
-        f"{opts['kd']} KL at T={opts['temperature']:g}, alpha {opts['alpha']:g} on "
-        f"{'assistant tokens' if opts['format'] == 'sft' else 'every token'}"
+        f"teacher {opts.teacher}: {n_teacher / 1e6:.2f}M params -> student {run.model.num_params() / 1e6:.2f}M; "
+        f"{opts.kd} KL at T={opts.temperature:g}, alpha {opts.alpha:g} on "
+        f"{'assistant tokens' if opts.format == 'sft' else 'every token'}"
     )
-    info = stage_info("distill", cfg, run, args, distill={**opts, "teacher": str(opts["teacher"])})
+    info = stage_info("distill", cfg, run, args, distill=asdict(opts))
     trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, loss)
     teacher.to(trainer.device)
     return trainer, eval_rows, loss

@@ -17,21 +17,23 @@ metrics: reward margin beta h, reward accuracy (share of pairs with h > 0), chos
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from minimind.config import _parse_bool
 from minimind.data.packing import IGNORE
 from minimind.data.preference import FORMS, PairBatch, PairRows
 from minimind.engine import Trainer
 from minimind.errors import ConfigError
 from minimind.losses import dpo_loss, sequence_logprobs
+from minimind.options import add_options, opt
 from minimind.stages.common import (
     DPO,
     add_stage_arguments,
     fit_and_report,
+    own_options,
     pair_rows,
     per_pair,
     reference_model,
@@ -40,34 +42,26 @@ from minimind.stages.common import (
     start_from,
 )
 
-# Options of the DPO loss; recorded in run.json so that --resume continues with the same ones.
-OPTIONS = {"beta": 0.1, "loss": "sigmoid", "length_norm": False, "precompute_ref": False, "nll_weight": 0.0}
+
+@dataclass
+class DPOOptions:
+    """Options of the DPO loss; recorded in run.json so that --resume continues with the same ones."""
+
+    beta: float = opt(0.1, "pull toward the reference (smaller lets it drift more)")
+    loss: str = opt("sigmoid", "sigmoid (DPO) or ipo (Azar et al. 2023; always on mean token log-probs)",
+                    choices=["sigmoid", "ipo"])  # fmt: skip
+    ref: str = opt("", "the frozen reference model (default: the --from run)", metavar="RUN_DIR")
+    precompute_ref: bool = opt(False, "reference log-probs once, before training: one model in memory")
+    length_norm: bool = opt(False, "average the reply's token log-probs instead of summing them")
+    nll_weight: float = opt(
+        0.0, "add W x the chosen reply's mean token NLL (RPO, Pang et al. 2024): keeps chosen replies likely",
+        metavar="W",
+    )  # fmt: skip
 
 
 def add_arguments(p: Any) -> None:
-    add_stage_arguments(p, f".jsonl files of preference pairs: {FORMS}")
-    g = p.add_argument_group("DPO")
-    g.add_argument(
-        "--beta",
-        type=float,
-        metavar="FLOAT",
-        help="pull toward the reference (default 0.1; smaller lets it drift more)",
-    )
-    g.add_argument(
-        "--loss",
-        choices=["sigmoid", "ipo"],
-        help="sigmoid (DPO, default) or ipo (Azar et al. 2023; always on mean token log-probs)",
-    )
-    g.add_argument("--ref", metavar="RUN_DIR", help="the frozen reference model (default: the --from run)")
-    flag = dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-    g.add_argument("--precompute-ref", **flag, help="reference log-probs once, before training: one model in memory")
-    g.add_argument("--length-norm", **flag, help="average the reply's token log-probs instead of summing them")
-    g.add_argument(
-        "--nll-weight",
-        type=float,
-        metavar="W",
-        help="add W x the chosen reply's mean token NLL (RPO, Pang et al. 2024): keeps chosen replies likely",
-    )
+    add_stage_arguments(p, f".jsonl files of preference pairs: {FORMS}", defaults=DPO)
+    add_options(p, DPOOptions, "DPO")
 
 
 def length_normalised(kind: str, length_norm: bool) -> bool:
@@ -167,18 +161,17 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None, DPOLoss]:
     """
     cfg = stage_options(args, DPO)
     run = start_from(cfg, args.parent)
-    opts = {**OPTIONS, **(run.info.get("dpo", {}) if cfg.resume else {})}
-    opts.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None})
-    ref_dir = args.ref or (run.info.get("reference") if cfg.resume else None)
+    opts: DPOOptions = own_options(args, DPOOptions, "dpo", run.info, cfg.resume)
+    ref_dir = opts.ref or (run.info.get("reference") if cfg.resume else None)
     tok = run.tokenizer
     rows = pair_rows(args.data, tok, cfg, shifted=True)
     eval_rows = pair_rows(args.eval_data, tok, cfg, shifted=True, name="held-out") if args.eval_data else None
-    precompute = opts["precompute_ref"]
+    precompute = opts.precompute_ref
     # Precomputing from the starting run itself needs no second copy of it.
     reference = run.model if precompute and ref_dir is None else reference_model(run.model, tok, ref_dir)
     live_ref = None if precompute else reference
-    loss = DPOLoss(opts["beta"], opts["loss"], opts["length_norm"], live_ref, opts["nll_weight"])
-    info = stage_info("dpo", cfg, run, args, dpo=opts)
+    loss = DPOLoss(opts.beta, opts.loss, opts.length_norm, live_ref, opts.nll_weight)
+    info = stage_info("dpo", cfg, run, args, dpo=asdict(opts))
     info["reference"] = ref_dir or info["parent"]
     trainer = Trainer(cfg, run.model.train(), tok, rows, info, loss)
     reference.to(trainer.device)

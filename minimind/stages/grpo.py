@@ -26,7 +26,7 @@ from minimind.errors import ConfigError
 from minimind.losses import group_advantages, zero_signal_groups
 from minimind.rl.rollout import RLOptions
 from minimind.stages.common import fit_and_report
-from minimind.stages.rl_common import FLAGS, add_rl_arguments, prepare_rl
+from minimind.stages.rl_common import add_rl_arguments, prepare_rl
 
 
 def group_relative(opts: RLOptions):
@@ -43,12 +43,12 @@ def group_relative(opts: RLOptions):
 
 
 def add_arguments(p: Any) -> None:
-    add_rl_arguments(p, 'prompts .jsonl: {"conversations": [...], "answer": ...}', RLOptions(), FLAGS)
+    add_rl_arguments(p)
 
 
 def prepare(args: Any):
     """(the engine set up for `minimind grpo`, its held-out check or None)."""
-    return prepare_rl(args, "grpo", RLOptions(), group_relative)
+    return prepare_rl(args, "grpo", RLOptions, group_relative)
 
 
 def main(args: Any) -> None:

@@ -11,18 +11,18 @@ saves: adapter.safetensors + adapter.json (+ train_state.pt) in --out (default R
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minimind.checkpoint import WEIGHTS, load_run, save_run
-from minimind.config import TrainConfig, merge_options, preset_of
+from minimind.config import TrainConfig, preset_of
 from minimind.engine import RunCheckpoint, Trainer
 from minimind.errors import ConfigError
 from minimind.lora import (
     ADAPTER_WEIGHTS,
-    DEFAULT_TARGETS,
     LoRAConfig,
     inject,
     load_adapter,
@@ -31,11 +31,14 @@ from minimind.lora import (
     read_adapter_config,
     save_adapter,
 )
+from minimind.options import add_options, merge_options
 from minimind.stages.common import (
     SFT,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
+    fresh_out,
+    stage_info,
     stage_options,
     train,
 )
@@ -63,12 +66,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("action", nargs="?", choices=["train", "merge"], default="train", help="train (default) or merge")
     p.add_argument("run", nargs="?", metavar="RUN_DIR", help="merge: the base run")
     p.add_argument("--lora", metavar="DIR", help="merge: the adapter to fold into RUN_DIR")
-    p.add_argument("--name", default="adapter", help="adapter name (default out: RUN_DIR/lora/NAME)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0, help="scaling = alpha / rank")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
-    p.add_argument("--target", default=",".join(DEFAULT_TARGETS), help="comma-separated linear layer names")
-    add_stage_arguments(p, '.jsonl files of {"conversations": [...]} (as for sft)')
+    add_stage_arguments(p, '.jsonl files of {"conversations": [...]} (as for sft)', defaults=LORA)
+    add_options(p, LoRAConfig, "adapter")
     add_conversation_arguments(p)
 
 
@@ -97,19 +96,23 @@ def main(args: Any) -> None:
     given = merge_options(args, TrainConfig)
     if not given.out and not args.parent:
         raise ConfigError("--from RUN_DIR is required (the base run), or --out ADAPTER_DIR with --resume")
-    args.out = given.out or str(Path(args.parent) / "lora" / args.name)
+    lora_cfg: LoRAConfig = merge_options(args, LoRAConfig)
+    args.out = given.out or str(Path(args.parent) / "lora" / lora_cfg.name)
     if given.resume:  # the base and the adapter's shape are recorded beside it
-        lora_cfg, record = read_adapter_config(args.out)
+        saved, record = read_adapter_config(args.out)
         args.parent = record.get("parent")
-    else:
-        lora_cfg = LoRAConfig(args.rank, args.alpha, args.lora_dropout, args.target.split(","), args.name)
+        lora_cfg = merge_options(args, LoRAConfig, asdict(saved))
+        changed = [k for k, v in asdict(lora_cfg).items() if asdict(saved)[k] != v]
+        if changed:
+            raise ConfigError(f"--resume continues the adapter as it was made: {', '.join(changed)} cannot change")
+    lora_cfg.validate()
     if not args.parent:
         raise ConfigError("--from RUN_DIR is required (the base run the adapter is trained on)")
     cfg = stage_options(args, lambda given: LORA.for_run(args.parent))  # the base's shape, also on --resume
     if Path(cfg.out).resolve() == Path(args.parent).resolve():
         raise ConfigError("--out must differ from --from (the base run is never written)")
-    if (Path(cfg.out) / "train_state.pt").exists() and not cfg.resume:
-        raise ConfigError(f"{cfg.out} already holds an adapter run; use --resume to continue it or another --out")
+    if not cfg.resume:
+        fresh_out(cfg.out)
     run = load_run(args.parent)
     torch.manual_seed(cfg.seed)  # the adapter's A matrices start from the seed
     wrapped = inject(run.model, lora_cfg)
@@ -119,11 +122,5 @@ def main(args: Any) -> None:
         f"{trainable:,} trained parameters ({trainable / run.model.num_params():.2%} of the base)"
     )
     rows, eval_rows = conversation_rows(args, cfg, run)
-    info = {
-        "stage": "lora",
-        "name": lora_cfg.name,
-        "parent": str(args.parent),
-        "data": [str(p) for p in args.data],
-        "seed": cfg.seed,
-    }
+    info = stage_info("lora", cfg, run, args, parent=str(args.parent), name=lora_cfg.name)
     train(cfg, run, rows, info, eval_rows, checkpoint=AdapterCheckpoint(lora_cfg))

@@ -33,40 +33,31 @@ from minimind.data.packing import IGNORE
 from minimind.engine import RunCheckpoint, autocast
 from minimind.errors import ConfigError
 from minimind.losses import gae, token_rewards, value_loss, whiten
+from minimind.options import opt
 from minimind.reward_model import RewardModel, load_reward_model, token_values
 from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutBatch, RolloutSource
 from minimind.stages.common import fit_and_report
-from minimind.stages.rl_common import FLAGS, add_rl_arguments, prepare_rl
+from minimind.stages.rl_common import add_rl_arguments, prepare_rl
 
 CRITIC = "critic"
 
 
 @dataclass
 class PPOOptions(RLOptions):
-    num_generations: int = 1
-    loss: str = "ppo"
-    beta: float = 0.0  # PPO puts the KL into the reward (--kl), not into the loss
-    critic: str = ""
-    gamma: float = 1.0
-    lam: float = 0.95
-    value_clip: float = 0.2
-    kl: float = 0.02
-    vf_coef: float = 0.5
-    minibatches: int = 1
-    target_kl: float = 0.0  # 0: never stop a rollout early
-
-
-PPO_FLAGS = {
-    **{k: v for k, v in FLAGS.items() if k not in ("loss", "beta")},
-    "critic": "critic to start from: a `minimind reward` run (default: the actor with a fresh value head)",
-    "gamma": "discount of GAE",
-    "lam": "lambda of GAE",
-    "value_clip": "clip of the value loss",
-    "kl": "per-token KL penalty to the reference, in the reward",
-    "vf_coef": "weight of the value loss",
-    "minibatches": "optimizer steps per pass over a rollout (divides --accumulation)",
-    "target_kl": "skip the rest of a rollout once a step's approx-KL exceeds 1.5x this (0: off)",
-}
+    num_generations: int = opt(1, "completions sampled per prompt")
+    loss: str = "ppo"  # no flag: PPO's clipped objective
+    beta: float = 0.0  # no flag: PPO puts the KL into the reward (--kl), not into the loss
+    critic: str = opt(
+        "", "critic to start from: a `minimind reward` run (default: the actor with a fresh value head)",
+        metavar="RUN_DIR",
+    )  # fmt: skip
+    gamma: float = opt(1.0, "discount of GAE")
+    lam: float = opt(0.95, "lambda of GAE")
+    value_clip: float = opt(0.2, "clip of the value loss")
+    kl: float = opt(0.02, "per-token KL penalty to the reference, in the reward")
+    vf_coef: float = opt(0.5, "weight of the value loss")
+    minibatches: int = opt(1, "optimizer steps per pass over a rollout (divides --accumulation)")
+    target_kl: float = opt(0.0, "skip the rest of a rollout once a step's approx-KL exceeds 1.5x this (0: off)")
 
 
 class ActorCritic(nn.Module):
@@ -212,7 +203,7 @@ def make_critic(actor: nn.Module, opts: PPOOptions, cfg: TrainConfig) -> RewardM
 
 
 def add_arguments(p: Any) -> None:
-    add_rl_arguments(p, 'prompts .jsonl: {"conversations": [...], "answer": ...}', PPOOptions(), PPO_FLAGS)
+    add_rl_arguments(p, PPOOptions, skip=("loss", "beta"))
 
 
 def prepare(args: Any):
@@ -227,7 +218,7 @@ def prepare(args: Any):
         return ActorCritic(run.model, make_critic(run.model, opts, cfg)), state.loss, PPOCheckpoint()
 
     no_advantage = lambda opts: lambda rewards, each: (torch.zeros_like(rewards), {})  # GAE sets them
-    return prepare_rl(args, "ppo", PPOOptions(), no_advantage, state, setup)
+    return prepare_rl(args, "ppo", PPOOptions, no_advantage, state, setup)
 
 
 def main(args: Any) -> None:

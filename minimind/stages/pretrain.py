@@ -12,17 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from minimind.checkpoint import Run, load_config, new_model
-from minimind.config import (
-    PRESETS,
-    ModelConfig,
-    add_dataclass_args,
-    dataclass_overrides,
-)
+from minimind.config import PRESETS, ModelConfig, preset_of
 from minimind.data.packing import PackedRows
 from minimind.data.tokens import tokenize_files
 from minimind.errors import ConfigError
 from minimind.model import MiniMind
-from minimind.stages.common import add_stage_arguments, stage_options, train
+from minimind.options import add_options, given
+from minimind.stages.common import add_stage_arguments, fresh_out, run_info, stage_info, stage_options, train
 from minimind.tokenizer import Tokenizer
 
 
@@ -30,12 +26,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory or tokenizer.json")
     p.add_argument("--preset", choices=list(PRESETS), help="model shape (not needed with --resume)")
     add_stage_arguments(p, '.jsonl ({"text": ...} per line) or .txt files', parent=False)
-    add_dataclass_args(
-        p,
-        ModelConfig,
-        skip=("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings"),
-        title="model overrides (new runs)",
-    )
+    skip = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings")
+    add_options(p, ModelConfig, "model overrides (new runs)", skip)
 
 
 def main(args: Any) -> None:
@@ -47,11 +39,10 @@ def main(args: Any) -> None:
     else:
         if not args.tokenizer or not args.preset:
             raise ConfigError("--tokenizer and --preset are required for a new run (or --resume an existing one)")
-        if (out / "train_state.pt").exists():
-            raise ConfigError(f"{out} already holds a training run; use --resume to continue it or another --out")
+        fresh_out(out)
         tokenizer = Tokenizer.load(args.tokenizer)
         # max_position_embeddings is skipped as a flag: the table must cover --max-seq-len.
-        overrides = dataclass_overrides(args, ModelConfig)
+        overrides = given(args, ModelConfig)
         model = new_model(args.preset, tokenizer, cfg.seed, cfg.max_seq_len, **overrides)
     if cfg.max_seq_len > model.cfg.max_position_embeddings:
         raise ConfigError(
@@ -68,16 +59,10 @@ def main(args: Any) -> None:
     if tokens.skipped:
         print(f"  skipped {tokens.skipped.count:,} bad lines in all (--skip-bad-lines)", file=sys.stderr)
     rows = PackedRows(tokens.tokens, tokens.offsets, cfg.max_seq_len, cfg.doc_mask)
-    info = {
-        "stage": "pretrain",
-        "parent": None,
-        "preset": args.preset,
-        "data": [str(p) for p in args.data],
-        "tokenizer": tokenizer.source,
-        "seed": cfg.seed,
-    }
+    run = Run(model, tokenizer, run_info(out) if cfg.resume else {})
+    info = stage_info("pretrain", cfg, run, args, preset=args.preset or run.info.get("preset") or preset_of(model.cfg))
     eval_rows = None
     if args.eval_data:
         held = tokenize_files(args.eval_data, tokenizer, cfg.cache_dir or None)
         eval_rows = PackedRows(held.tokens, held.offsets, cfg.max_seq_len, cfg.doc_mask)
-    train(cfg, Run(model, tokenizer, {}), rows, info, eval_rows)
+    train(cfg, run, rows, info, eval_rows)

@@ -14,7 +14,7 @@ check: with --eval-data, held-out loss and the share of greedy replies that foll
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,14 @@ from minimind.data.packing import IGNORE, Batch
 from minimind.engine import Trainer, evaluate_loss
 from minimind.errors import ConfigError, DataError
 from minimind.losses import weighted_token_cross_entropy_sum
+from minimind.options import add_options, opt
 from minimind.stages.common import (
     SFT,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
     fit_and_report,
+    own_options,
     show_masks,
     stage_info,
     stage_options,
@@ -45,18 +47,27 @@ TAGS = tuple(SPECIAL_TAGS[:4])  # <think> </think> <answer> </answer>
 # Upstream (train_distill_reason.py): 1 epoch, rows of 1024 tokens (its data is r1_mix_1024). The
 # learning rate follows SFT's table (README.md).
 REASON = SFT.but(options={**SFT.options, "epochs": 1, "max_seq_len": 1024})
-OPTIONS = {"tag_weight": 10.0}
 HELD_OUT_PROMPTS = 64  # greedy replies generated for the format check
 
 
+@dataclass
+class ReasonOptions:
+    """Recorded in run.json so that --resume continues with the same ones."""
+
+    tag_weight: float = opt(10.0, "loss weight of the four tag tokens (1: like any other token)", metavar="W")
+    format_tokens: int = opt(256, "reply length for the held-out format check", metavar="N")
+
+    def validate(self) -> None:
+        if self.tag_weight <= 0:
+            raise ConfigError("--tag-weight must be positive (1 trains the tags like any other token)")
+
+
 def add_arguments(p: Any) -> None:
-    add_stage_arguments(p, ".jsonl conversations whose replies are <think>…</think><answer>…</answer> traces")
-    add_conversation_arguments(p)
-    g = p.add_argument_group("reasoning")
-    g.add_argument("--tag-weight", type=float, metavar="W", help="loss weight of the four tag tokens (default 10)")
-    g.add_argument(
-        "--format-tokens", type=int, default=256, metavar="N", help="reply length for the held-out format check"
+    add_stage_arguments(
+        p, ".jsonl conversations whose replies are <think>…</think><answer>…</answer> traces", defaults=REASON
     )
+    add_conversation_arguments(p)
+    add_options(p, ReasonOptions, "reasoning")
 
 
 def tag_sequences(tok: Tokenizer) -> list[list[int]]:
@@ -134,11 +145,7 @@ def prepare(args: Any) -> tuple[Trainer, Callable[[], str] | None]:
     """The engine set up for `minimind reason` (weighted rows and loss), and the held-out check."""
     cfg = stage_options(args, REASON)
     run = start_from(cfg, args.parent)
-    opts = {**OPTIONS, **(run.info.get("reason", {}) if cfg.resume else {})}
-    if args.tag_weight is not None:
-        opts["tag_weight"] = args.tag_weight
-    if opts["tag_weight"] <= 0:
-        raise ConfigError("--tag-weight must be positive (1 trains the tags like any other token)")
+    opts: ReasonOptions = own_options(args, ReasonOptions, "reason", run.info, cfg.resume)
     tags = tag_sequences(run.tokenizer)
     chat_rows, eval_rows = conversation_rows(args, cfg, run)
     n_tags = count_tags(chat_rows.data, tags)
@@ -146,15 +153,15 @@ def prepare(args: Any) -> tuple[Trainer, Callable[[], str] | None]:
         raise DataError(f"{args.data[0]}: no {'/'.join(TAGS)} tags in any assistant reply (reasoning traces expected)")
     single = all(len(t) == 1 for t in tags)
     print(
-        f"tags: {n_tags:,} tag tokens in the replies, weighted x{opts['tag_weight']:g}"
+        f"tags: {n_tags:,} tag tokens in the replies, weighted x{opts.tag_weight:g}"
         + ("" if single else " (this tokenizer spells the tags in pieces: whole tags are weighted)")
     )
-    info = stage_info("reason", cfg, run, args, reason=opts)
-    rows = TagWeightedRows(chat_rows, tags, opts["tag_weight"])
+    info = stage_info("reason", cfg, run, args, reason=asdict(opts))
+    rows = TagWeightedRows(chat_rows, tags, opts.tag_weight)
     trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, weighted_loss)
     check = None
     if eval_rows is not None:
-        check = lambda: held_out(trainer, eval_rows, args.eval_data[0], args.format_tokens)
+        check = lambda: held_out(trainer, eval_rows, args.eval_data[0], opts.format_tokens)
     return trainer, check
 
 

@@ -13,19 +13,18 @@ saves:   a run directory the RL stages load with `--reward rm:RUN_DIR` (load_rew
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from minimind.checkpoint import RUN_INFO
-from minimind.config import preset_of
+from minimind.checkpoint import Run
 from minimind.data.preference import FORMS, PairBatch, PairRows
 from minimind.engine import Trainer
 from minimind.errors import ConfigError
 from minimind.losses import bradley_terry_loss
+from minimind.options import add_options, opt
 from minimind.reward_model import RewardModel, load_reward_model
 from minimind.stages.common import (
     DPO,
@@ -33,6 +32,8 @@ from minimind.stages.common import (
     fit_and_report,
     pair_rows,
     per_pair,
+    run_info,
+    stage_info,
     stage_options,
     start_from,
 )
@@ -43,14 +44,17 @@ REWARD = DPO.but(lrs={"tiny": 1e-3, "tiny-moe": 1e-3}, default_lr=1e-5)
 HELDOUT = 0.1
 
 
+@dataclass
+class RewardOptions:
+    heldout: float | None = opt(
+        None, f"hold out this share of --data for the pairwise accuracy (None: {HELDOUT} without --eval-data, "
+        "else 0; --resume keeps the run's)", metavar="FRACTION",
+    )  # fmt: skip
+
+
 def add_arguments(p: Any) -> None:
-    add_stage_arguments(p, f".jsonl files of preference pairs: {FORMS}")
-    p.add_argument(
-        "--heldout",
-        type=float,
-        metavar="FRACTION",
-        help=f"hold out this share of --data for the pairwise accuracy (default {HELDOUT} without --eval-data)",
-    )
+    add_stage_arguments(p, f".jsonl files of preference pairs: {FORMS}", defaults=REWARD)
+    add_options(p, RewardOptions, "reward model")
 
 
 def reward_loss(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -96,13 +100,13 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None]:
     cfg = stage_options(args, REWARD)
     if cfg.resume:  # the engine loads the weights; the split and provenance come from run.json
         model, tok = load_reward_model(cfg.out)
-        saved = json.loads((Path(cfg.out) / RUN_INFO).read_text(encoding="utf-8"))
-        parent, default_heldout = saved.get("parent"), saved.get("heldout", 0.0)
+        saved = run_info(cfg.out)
+        default_heldout = saved.get("heldout", 0.0)
     else:
         run = start_from(cfg, args.parent)
         torch.manual_seed(cfg.seed)  # the head's initial weights
-        model, tok = RewardModel.from_backbone(run.model), run.tokenizer
-        parent, default_heldout = str(args.parent), 0.0 if args.eval_data else HELDOUT
+        model, tok, saved = RewardModel.from_backbone(run.model), run.tokenizer, {}
+        default_heldout = 0.0 if args.eval_data else HELDOUT
     heldout = default_heldout if args.heldout is None else args.heldout
     rows = pair_rows(args.data, tok, cfg, shifted=False)
     eval_rows = None
@@ -111,16 +115,8 @@ def prepare(args: Any) -> tuple[Trainer, PairRows | None]:
     elif heldout > 0:
         rows, eval_rows = rows.split(heldout, cfg.seed)
         print(f"held-out: {len(eval_rows):,} of the pairs ({heldout:.0%}), not trained on")
-    info = {
-        "stage": "reward",
-        "parent": parent,
-        "preset": preset_of(model.cfg),
-        "data": [str(p) for p in args.data],
-        "heldout": heldout,
-        "tokenizer": tok.source,
-        "seed": cfg.seed,
-        "head": "reward_head: linear, hidden state of the last token -> 1",
-    }
+    head = "reward_head: linear, hidden state of the last token -> 1"
+    info = stage_info("reward", cfg, Run(model, tok, saved), args, heldout=heldout, head=head)
     trainer = Trainer(cfg, model.train(), tok, rows, info, reward_loss)
     return trainer, eval_rows
 

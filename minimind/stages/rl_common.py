@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from minimind.config import TrainConfig, _parse_bool
+from minimind.config import TrainConfig
 from minimind.data.prompts import encode_prompt, read_prompts
 from minimind.engine import Trainer
 from minimind.errors import ConfigError, DataError
+from minimind.options import add_options
 from minimind.rl.rewards import parse_reward
 from minimind.rl.rollout import (
     PolicyLoss,
@@ -24,6 +25,7 @@ from minimind.rl.rollout import (
 from minimind.stages.common import (
     DPO,
     add_stage_arguments,
+    own_options,
     reference_model,
     stage_info,
     stage_options,
@@ -34,42 +36,13 @@ from minimind.stages.common import (
 # wrecking it; upstream's GRPO uses 8e-8). README.md has the table.
 # batch_size = prompts per micro-batch (each sampled G times); accumulation micro-batches per rollout.
 RL = DPO.but(options={"batch_size": 4, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024})
-FLAGS = {  # RLOptions field -> flag help
-    "reward": "reward spec, e.g. rule:math, rule:math+0.2*rule:format, rm:RUN_DIR, hf:PATH",
-    "num_generations": "completions sampled per prompt (G)",
-    "max_new_tokens": "longest completion",
-    "temperature": "sampling temperature (full distribution: no top-k/top-p in RL)",
-    "beta": "weight of the k3 KL to the reference (0: no reference model)",
-    "clip": "ratio clip epsilon",
-    "clip_high": "upper clip epsilon (DAPO's clip-higher; 0: same as --clip)",
-    "loss": "grpo | dr_grpo | cispo",
-    "ppo_epochs": "optimizer steps on each rollout",
-    "eval_tokens": "reply length of the held-out check (0: --max-new-tokens)",
-    "eval_samples": "replies sampled per held-out prompt (as in training) besides the greedy one",
-}
+PROMPTS = 'prompts .jsonl: {"conversations": [...], "answer": ...}'
 
 
-def add_rl_arguments(p: Any, data_help: str, defaults: RLOptions, flags: dict[str, str]) -> None:
-    """Every RL stage's flags: the engine's, --ref, --think/--no-think and its RLOptions fields."""
-    add_stage_arguments(p, data_help)
-    g = p.add_argument_group("reinforcement learning")
-    for name, help_text in flags.items():
-        default = getattr(defaults, name)
-        kind = type(default) if default is not None else str
-        g.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=kind.__name__.upper(),
-                       help=f"{help_text} (default {default})")  # fmt: skip
-    g.add_argument("--ref", metavar="RUN_DIR", help="the frozen reference model (default: the --from run)")
-    g.add_argument("--think", dest="think", type=_parse_bool, nargs="?", const=True, help="open a <think> block")
-    g.add_argument("--no-think", dest="think", action="store_const", const=False, help="answer without thinking")
-
-
-def rl_options(args: Any, run_info: dict, resume: bool, defaults: RLOptions) -> RLOptions:
-    """Defaults < (with --resume) the options the run was started with < flags."""
-    values = {**vars(defaults), **(run_info.get("rl", {}) if resume else {})}
-    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
-    opts = type(defaults)(**values)
-    opts.validate()
-    return opts
+def add_rl_arguments(p: Any, cls: type[RLOptions] = RLOptions, skip: tuple[str, ...] = ()) -> None:
+    """Every RL stage's flags: the engine's and those of its options (`cls`, but `skip`)."""
+    add_stage_arguments(p, PROMPTS, defaults=RL)
+    add_options(p, cls, "reinforcement learning", skip)
 
 
 def policy_setup(run: Any, opts: RLOptions, cfg: TrainConfig) -> tuple[Any, Any, Any]:
@@ -80,13 +53,13 @@ def policy_setup(run: Any, opts: RLOptions, cfg: TrainConfig) -> tuple[Any, Any,
 
 
 def prepare_rl(
-    args: Any, stage: str, defaults: RLOptions, advantages: Any, stage_state: Any = None, setup: Any = policy_setup
+    args: Any, stage: str, cls: type[RLOptions], advantages: Any, stage_state: Any = None, setup: Any = policy_setup
 ):
     """The engine set up for an RL stage: options, prompts, reward, reference, rollout source.
     `setup(run, opts, cfg)` gives the model to train, its loss and checkpoint (PPO: actor + critic)."""
     cfg: TrainConfig = stage_options(args, RL)
     run = start_from(cfg, args.parent)
-    opts = rl_options(args, run.info, cfg.resume, defaults)
+    opts = own_options(args, cls, "rl", run.info, cfg.resume)
     model, loss, checkpoint = setup(run, opts, cfg)
     tok = run.tokenizer
     prompts = read_prompts(args.data, cfg.skip_bad_lines)
@@ -101,7 +74,7 @@ def prepare_rl(
     prompts, ids = [prompts[i] for i in keep], [ids[i] for i in keep]
     print(f"data: {len(prompts):,} prompts" + (f", {dropped:,} longer than {room} tokens dropped" if dropped else ""))
     held = read_prompts(args.eval_data) if args.eval_data else None
-    ref_dir = args.ref or (run.info.get("reference") if cfg.resume else None)
+    ref_dir = opts.ref or (run.info.get("reference") if cfg.resume else None)
     info = stage_info(stage, cfg, run, args, rl=vars(opts))
     info["reference"] = ref_dir or info["parent"]
     uses_reference = opts.beta > 0 or getattr(opts, "kl", 0) > 0

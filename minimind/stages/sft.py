@@ -25,7 +25,7 @@ from minimind.stages.common import (
 
 
 def add_arguments(p: Any) -> None:
-    add_stage_arguments(p, '.jsonl files of {"conversations": [{"role": ..., "content": ...}, ...]}')
+    add_stage_arguments(p, '.jsonl files of {"conversations": [{"role": ..., "content": ...}, ...]}', defaults=SFT)
     add_conversation_arguments(p)
 
 

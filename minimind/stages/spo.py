@@ -17,23 +17,28 @@ state:    tracker, drift, last visits, rollout count: saved in train_state.pt (e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from minimind.config import _parse_bool
 from minimind.data.packing import IGNORE
 from minimind.engine import autocast
 from minimind.errors import ConfigError
 from minimind.losses import k3_kl
+from minimind.options import opt
 from minimind.rl.rollout import RLOptions, RolloutSource, token_logps
 from minimind.rl.spo import ValueTracker, spo_advantages
 from minimind.stages.common import fit_and_report
-from minimind.stages.rl_common import FLAGS, add_rl_arguments, prepare_rl
+from minimind.stages.rl_common import add_rl_arguments, prepare_rl
 
-SPO_FLAGS = {k: v for k, v in FLAGS.items() if k != "num_generations"}
+
+@dataclass
+class SPOOptions(RLOptions):
+    num_generations: int = 1  # no flag: one completion per prompt
+    prioritize: bool | None = opt(None, "sample prompts by uncertainty sqrt(v(1 - v)) (None: off)")
 
 
 class SPOState:
@@ -120,9 +125,7 @@ class SPOState:
 
 
 def add_arguments(p: Any) -> None:
-    add_rl_arguments(p, 'prompts .jsonl: {"conversations": [...], "answer": ...}', RLOptions(), SPO_FLAGS)
-    p.add_argument("--prioritize", type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL",
-                   help="sample prompts by uncertainty sqrt(v(1 - v)) (default off)")  # fmt: skip
+    add_rl_arguments(p, SPOOptions, skip=("num_generations",))
 
 
 def main(args: Any) -> None:
@@ -138,4 +141,4 @@ def prepare(args: Any):
     args.num_generations = 1
     num_prompts = len(read_prompts(args.data, skip_bad_lines=True))  # an upper bound of the prompts kept
     state = SPOState(num_prompts, args.prioritize)
-    return prepare_rl(args, "spo", RLOptions(num_generations=1), lambda opts: state.advantages(opts), state)
+    return prepare_rl(args, "spo", SPOOptions, lambda opts: state.advantages(opts), state)
