@@ -88,7 +88,7 @@ def test_reason_makes_held_out_replies_follow_the_format(pipeline, tmp_path):
     assert before <= 10 and after >= 60, log
     assert "weighted x10" in log  # the default tag weight
     info = json.loads((tmp_path / "reason" / "run.json").read_text())
-    assert info["stage"] == "reason" and info["reason"] == {"tag_weight": 10.0, "format_tokens": 256}
+    assert info["stage"] == "reason" and info["reason"] == {"tag_weight": 10.0, "format_tokens": 64}
 
 
 def reason_argv(pipeline, out, *extra, data=None) -> list[str]:
