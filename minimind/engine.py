@@ -16,38 +16,35 @@ tensors, and nothing in a step waits for the device (losses, norms and counts ar
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from minimind.checkpoint import (
-    WEIGHTS,
     atomic_write,
-    atomic_write_text,
     checkpoint_dir,
     checkpoint_step,
     latest_checkpoint,
-    load_weights,
     publish_checkpoint,
-    save_run,
 )
 from minimind.config import TrainConfig
-from minimind.data.packing import Batch, Rows, Sampler
+from minimind.data.packing import Batch, Rows
 from minimind.errors import CheckpointError, ConfigError, MiniMindError
 from minimind.hardware import check_compile, peak_flops, precision, setup_distributed
 from minimind.losses import token_cross_entropy_sum
 from minimind.model import MiniMind
+from minimind.optim import lr_at, make_optimizer
 from minimind.parallel import choose, replica
+from minimind.sources import BatchSource, RowBatches, RunCheckpoint, Runtime
 from minimind.tokenizer import Tokenizer
+from minimind.tracking import append_metrics, open_trackers, plot, trim_metrics
 
 STATE = "train_state.pt"
 
@@ -83,25 +80,6 @@ def on_cpu(obj: Any) -> Any:
     return obj
 
 
-def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
-    """Linear warmup to lr over `warmup` steps, then cosine decay to lr * min_ratio at `total`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms), fused kernels where the device has them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
 @torch.no_grad()
 def evaluate_loss(
     model: nn.Module, rows: Rows, batch_size: int = 16, max_rows: int = 256, device: torch.device | None = None
@@ -118,75 +96,6 @@ def evaluate_loss(
         total, count = total + float(loss_sum), count + batch.num_tokens
     model.train(was_training)
     return total / max(count, 1)
-
-
-class RunCheckpoint:
-    """What a stage's checkpoint holds: a full run directory (weights, config, tokenizer, run.json),
-    written into the checkpoint folder the engine gives (minimind/checkpoint.py publishes it).
-
-    Stages that train only part of a model (LoRA) or more than one (PPO's critic) pass a subclass.
-    The weights file carries the step in its metadata, so resume can check it against train_state.pt.
-    """
-
-    weights = WEIGHTS
-
-    def save(self, trainer: Trainer, folder: Path, info: dict[str, Any], metadata: dict[str, str]) -> None:
-        save_run(folder, trainer.model, trainer.tokenizer, info, weights_metadata=metadata)
-
-    def load(self, trainer: Trainer, folder: Path) -> None:
-        load_weights(trainer.model, folder / WEIGHTS)
-
-
-class BatchSource(Protocol):
-    """Where each optimizer step's micro-batches come from. Its state goes into train_state.pt."""
-
-    def steps_per_epoch(self) -> int: ...
-
-    def next_step(self) -> list[Batch]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class RowBatches:
-    """The default source: `accumulation` global batches of rows per step, in a seeded shuffled order
-    (a fresh one each epoch); every process draws the global batch and keeps its slice."""
-
-    def __init__(self, rows: Rows, cfg: TrainConfig, rank: int, world: int):
-        self.rows, self.cfg, self.rank, self.world = rows, cfg, rank, world
-        self.sampler = Sampler(len(rows), cfg.seed)
-
-    def steps_per_epoch(self) -> int:
-        per_step = self.cfg.batch_size * self.cfg.accumulation * self.world
-        if len(self.rows) < per_step:
-            raise ConfigError(
-                f"the data has {len(self.rows)} rows of {self.cfg.max_seq_len} tokens, fewer than one step "
-                f"needs ({per_step}); lower --batch-size/--accumulation or set --max-steps"
-            )
-        return len(self.rows) // per_step
-
-    def describe(self) -> str:
-        """What one optimizer step consumes (the trainer's start line)."""
-        c = self.cfg
-        return (
-            f"{c.batch_size}x{c.accumulation}x{self.world} rows x {c.max_seq_len} tokens "
-            f"({len(self.rows)} rows in the data)"
-        )
-
-    def next_step(self) -> list[Batch]:
-        B = self.cfg.batch_size
-        out = []
-        for _ in range(self.cfg.accumulation):
-            rows = self.sampler.take(B * self.world)
-            out.append(self.rows.batch(rows[self.rank * B : (self.rank + 1) * B]))
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
 
 
 @dataclass
@@ -208,10 +117,10 @@ class Trainer:
         info: dict[str, Any],
         loss_fn: LossFn = lm_loss,
         checkpoint: RunCheckpoint | None = None,
-        source: Callable[[Trainer], BatchSource] | None = None,
+        source: Callable[[Runtime], BatchSource] | None = None,
     ):
-        """`source(trainer)` builds where batches come from, once the device is set up (default:
-        RowBatches over `rows`); the RL stages pass one that generates rollouts."""
+        """`source(runtime)` builds where batches come from, once the model is on its device and wrapped
+        (default: RowBatches over `rows`); the RL stages pass one that generates rollouts."""
         cfg.validate()
         self.cfg, self.tokenizer, self.rows, self.info, self.loss_fn = cfg, tokenizer, rows, info, loss_fn
         self.checkpoint = checkpoint or RunCheckpoint()
@@ -229,9 +138,6 @@ class Trainer:
         resume = self.read_state() if cfg.resume else None
         if resume is not None:
             self._keep_global_batch(resume)
-        self.source = source(self) if source else RowBatches(rows, cfg, self.rank, self.world)
-        self.total_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
-        self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
         self.engine = choose(cfg, self.device, self.world, self.dtype, self.distributed)
         if resume is not None:
             self.load_weights(resume)
@@ -252,6 +158,13 @@ class Trainer:
         # compiled graph is split at DDP's gradient buckets, so each all-reduce overlaps the backward.
         self.wrapped, self.optimizer = self.engine.wrap(self.model, lambda m: make_optimizer(m, cfg, self.device))
         self.train_model: nn.Module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.runtime = Runtime(
+            cfg, tokenizer, self.device, self.dtype, self.rank, self.world, self.model, self.train_model,
+            self.sampling_model,
+        )  # fmt: skip
+        self.source = source(self.runtime) if source else RowBatches(rows, cfg, self.rank, self.world)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
         self.tokens_seen = 0
@@ -259,7 +172,7 @@ class Trainer:
         self.skipped = torch.zeros((), device=self.device)  # steps whose gradient norm was not finite
         if resume is not None:
             self.load_state(resume)
-        self.trackers = self._trackers() if self.rank == 0 else []
+        self.trackers = open_trackers(cfg, self.out) if self.rank == 0 else []
 
     # ---- one optimizer step --------------------------------------------------------------------
 
@@ -280,7 +193,7 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(summed loss of this process, grad norm, [loss units, tokens] of the whole step); tensors
         that the loop reads only when it logs."""
-        micro = self.source.next_step()
+        micro = self.source.next_step(self.step)
         counts = self.step_counts(micro)
         # DDP averages gradients over processes, so each divides by units / world.
         denom = float(counts[0]) if not self.distributed else (counts[0] / self.world).float()
@@ -335,7 +248,7 @@ class Trainer:
         self.model.train()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._trim_metrics()
+            trim_metrics(self.out, self.step)
             c = self.model.cfg
             print(
                 f"training {self.param_count / 1e6:.2f}M params ({c.num_layers}x{c.hidden_size}) on "
@@ -379,14 +292,14 @@ class Trainer:
                 self.save()
         seconds = time.perf_counter() - start
         if self.rank == 0:
-            self.plot()
+            plot(self.out, f"{self.out.name}: {self.info.get('stage', 'training')}")
         for t in self.trackers:
-            t.close() if hasattr(t, "close") else t.finish()
+            t.close()
         return TrainResult(self.step, last_loss, run_tokens, seconds, run_tokens / max(seconds, 1e-9))
 
     def source_metrics(self) -> dict[str, float]:
         """The batch source's own metrics since the last log (RL: rewards, lengths), averaged over processes."""
-        metrics = self.source.log_metrics() if hasattr(self.source, "log_metrics") else {}
+        metrics = self.source.log_metrics()
         if self.distributed and metrics:
             keys = sorted(metrics)
             values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -448,49 +361,9 @@ class Trainer:
             record["mfu"] = round(self.flops_per_token * tokens_per_s / (peak * self.world), 4)
             line += f" | MFU {record['mfu']:.1%}"
         print(line + f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.out, record)
         for t in self.trackers:
-            if hasattr(t, "add_scalar"):
-                for k, v in record.items():
-                    t.add_scalar(f"train/{k}", v, self.step)
-            else:
-                t.log(record, step=self.step)
-
-    def _trackers(self) -> list[Any]:
-        trackers: list[Any] = []
-        if self.cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("--wandb needs `pip install wandb`") from None
-            trackers.append(
-                wandb.init(project="minimind", name=self.out.name, config=asdict(self.cfg), dir=str(self.out))
-            )
-        if self.cfg.swanlab:
-            try:
-                import swanlab
-            except ImportError:
-                raise ConfigError("--swanlab needs `pip install swanlab`") from None
-            # Cloud only when asked for (SWANLAB_MODE=cloud, or an API key in the environment): an
-            # interactive login prompt must never stall a training job.
-            mode = os.environ.get("SWANLAB_MODE") or ("cloud" if os.environ.get("SWANLAB_API_KEY") else "offline")
-            trackers.append(
-                swanlab.init(
-                    project="minimind",
-                    experiment_name=self.out.name,
-                    config=asdict(self.cfg),
-                    logdir=str(self.out / "swanlog"),
-                    mode=mode,
-                )
-            )
-        if self.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("--tensorboard needs `pip install tensorboard`") from None
-            trackers.append(SummaryWriter(str(self.out / "tensorboard")))
-        return trackers
+            t.log(record, self.step)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -634,37 +507,3 @@ class Trainer:
         if rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-
-    def _trim_metrics(self) -> None:
-        """On resume, drop logged steps after the checkpoint (they will be trained again)."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= self.step
-        ]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-    def plot(self) -> Path | None:
-        """loss.png from metrics.jsonl (skipped when matplotlib is missing)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return None
-        records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"{self.out.name}: {self.info.get('stage', 'training')}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = self.out / "loss.png"
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-        return path

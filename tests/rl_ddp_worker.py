@@ -20,6 +20,6 @@ draw = trainer.source.draw
 trainer.source.draw = lambda: drawn.append(draw().tolist()) or drawn[-1]
 trainer.fit()
 weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-state = trainer.source.stage_state.state_dict() if trainer.source.stage_state is not None else None
+state = trainer.source.hooks.state_dict()
 torch.save({"prompts": drawn, "weights": weights, "stage": state}, f"{out}/rank{dist.get_rank()}.pt")
 dist.barrier()

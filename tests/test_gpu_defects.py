@@ -20,6 +20,7 @@ from minimind.reward_model import RewardModel
 from minimind.rl import rewards
 from minimind.rl.rewards import parse_reward
 from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutSource, completion_rows, token_logps
+from minimind.sources import Runtime
 
 # ---- rollout rows and the RoPE table --------------------------------------------------------------
 
@@ -37,11 +38,9 @@ class NoStops:
 
 
 def fake_trainer(model, tok, device="cpu", batch_size=2):
+    """The run as a rollout source sees it, without a trainer."""
     cfg = SimpleNamespace(seed=0, batch_size=batch_size, accumulation=1)
-    return SimpleNamespace(
-        model=model, train_model=model, tokenizer=tok, device=torch.device(device), dtype=torch.float32,
-        cfg=cfg, world=1, rank=0, step=0, sampling_model=lambda: model,
-    )  # fmt: skip
+    return Runtime(cfg, tok, torch.device(device), torch.float32, 0, 1, model, model, lambda: model)
 
 
 def test_completion_rows_never_pad_past_the_position_table():

@@ -166,7 +166,7 @@ def test_spo_resume_keeps_baselines_drift_and_prioritised_draws(pipeline, tmp_pa
 
     _run_cli(*argv(tmp_path / "straight", "--prioritize"))
     trainer, _ = spo.prepare(build_parser("spo").parse_args(argv(tmp_path / "split", "--prioritize")))
-    state = trainer.source.stage_state
+    state = trainer.source.hooks
     while trainer.step < 2:
         trainer.train_step()
     assert state.rollouts == 2 and state.drift > 0 and len(state.tracker) > 0

@@ -39,6 +39,7 @@ from minimind.generate import SamplingParams, generate, row_key
 from minimind.losses import entropy_from_logits, policy_loss
 from minimind.options import opt
 from minimind.rl.rewards import RewardFn, Rewards
+from minimind.sources import BatchSource, Runtime
 from minimind.tokenizer import Tokenizer
 
 
@@ -162,32 +163,61 @@ def policy_of(model: nn.Module) -> nn.Module:
 AdvantageFn = Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor, dict[str, float]]]
 
 
-class RolloutSource:
+class StageHooks:
+    """What an RL stage may plug into its rollouts (SPO's tracker, PPO's critic); each hook is a no-op
+    here, and its state goes into the resume file with the source's."""
+
+    needs_old_logp = False  # the rollout keeps the sampling policy's log-probs even at --ppo-epochs 1
+
+    def draw(self, source: RolloutSource) -> np.ndarray | None:
+        """This process's prompt indices of the next rollout; None: the source's shuffled order."""
+        return None
+
+    def before_rollout(self, source: RolloutSource) -> None:
+        pass
+
+    def finish(self, source: RolloutSource, batches: list[RolloutBatch], scores: torch.Tensor) -> dict[str, float]:
+        """After the rollout's log-probs: fill in what the stage's loss needs; returns metrics to log."""
+        return {}
+
+    def stop_early(self, source: RolloutSource) -> bool:
+        """Whether to drop the rest of the current rollout and sample a new one."""
+        return False
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class RolloutSource(BatchSource):
     """The engine's batch source for RL: each optimizer step's micro-batches, from rollouts."""
 
     def __init__(
         self,
-        trainer: Any,
+        rt: Runtime,
         prompts: list[Prompt],
         prompt_ids: list[list[int]],
         reward: RewardFn,
         opts: RLOptions,
         advantages: AdvantageFn,
         reference: nn.Module | None,
-        stage_state: Any = None,
+        hooks: StageHooks | None = None,
     ):
-        self.t, self.prompts, self.prompt_ids, self.opts = trainer, prompts, prompt_ids, opts
-        self.reward = reward.to(trainer.device)  # reward models score where the policy runs
-        self.advantages, self.reference, self.stage_state = advantages, reference, stage_state
-        self.cfg = trainer.cfg
+        self.rt, self.prompts, self.prompt_ids, self.opts = rt, prompts, prompt_ids, opts
+        self.reward = reward.to(rt.device)  # reward models score where the policy runs
+        self.advantages, self.reference, self.hooks = advantages, reference, hooks or StageHooks()
+        self.cfg = rt.cfg
         self.sampler = Sampler(len(prompts), self.cfg.seed)
         self.pending: list[RolloutBatch] = []  # the current rollout's micro-batches
         self.steps_left = 0  # optimizer steps still to take on them
-        self.prefix = reply_prefix(trainer.tokenizer, opts.think)
+        self.step = 0  # the optimizer step being served (it keys the sampling streams)
+        self.prefix = reply_prefix(rt.tokenizer, opts.think)
         self._window: dict[str, list[float]] = {}
         self._window_start = time.perf_counter()
         if reference is not None:
-            reference.to(trainer.device)
+            reference.to(rt.device)
 
     # ---- the engine's side -----------------------------------------------------------------------
 
@@ -195,7 +225,7 @@ class RolloutSource:
         return self.cfg.batch_size * self.cfg.accumulation
 
     def steps_per_epoch(self) -> int:
-        per_rollout = self.prompts_per_step() * self.t.world
+        per_rollout = self.prompts_per_step() * self.rt.world
         if len(self.prompts) < per_rollout:
             raise ConfigError(
                 f"{len(self.prompts)} prompts, fewer than one rollout needs ({per_rollout}); "
@@ -209,20 +239,21 @@ class RolloutSource:
         o = self.opts
         per_rollout = o.ppo_epochs * self.minibatches
         return (
-            f"{self.prompts_per_step()}x{self.t.world} prompts x {o.num_generations} samples of <= {o.max_new_tokens} "
+            f"{self.prompts_per_step()}x{self.rt.world} prompts x {o.num_generations} samples of <= {o.max_new_tokens} "
             f"new tokens, {per_rollout} step{'s' if per_rollout > 1 else ''} per rollout ({len(self.prompts)} prompts)"
         )
 
     @property
     def minibatches(self) -> int:
-        return getattr(self.opts, "minibatches", 1)
+        return getattr(self.opts, "minibatches", 1)  # PPOOptions has it
 
-    def next_step(self) -> list[Batch]:
+    def next_step(self, step: int) -> list[Batch]:
         """This process's micro-batches of the next optimizer step: one of `minibatches` slices of the
         rollout, each used `ppo_epochs` times; a new rollout when they are used up (or when the stage
         stops a rollout early, PPO on approx-KL)."""
+        self.step = step
         per_rollout = self.opts.ppo_epochs * self.minibatches
-        if self.steps_left and hasattr(self.stage_state, "stop_early") and self.stage_state.stop_early(self):
+        if self.steps_left and self.hooks.stop_early(self):
             self.steps_left = 0
         if self.steps_left == 0:
             self.pending = self.rollout()
@@ -237,19 +268,19 @@ class RolloutSource:
             "sampler": self.sampler.state_dict(),
             "steps_left": self.steps_left,
             "pending": [b.tensors() for b in self.pending],  # SPO measures drift on the last rollout
-            "stage": self.stage_state.state_dict() if self.stage_state is not None else None,
-            "world": self.t.world,
+            "stage": self.hooks.state_dict(),
+            "world": self.rt.world,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A resume under another number of processes drops the unfinished rollout (its micro-batches
         were one process's share of another split): the next step samples a fresh one."""
         self.sampler.load_state_dict(state["sampler"])
-        same_split = state.get("world", self.t.world) == self.t.world
+        same_split = state.get("world", self.rt.world) == self.rt.world
         self.steps_left = state["steps_left"] if same_split else 0
         self.pending = [RolloutBatch(**b) for b in state["pending"]] if same_split else []
-        if self.stage_state is not None and state.get("stage") is not None:
-            self.stage_state.load_state_dict(state["stage"])
+        if state.get("stage") is not None:
+            self.hooks.load_state_dict(state["stage"])
 
     def log_metrics(self) -> dict[str, float]:
         """Rollout means since the last log line: rewards, lengths, generation speed and time share."""
@@ -266,17 +297,16 @@ class RolloutSource:
 
     def draw(self) -> np.ndarray:
         """This process's prompt indices of the next global draw (the stage may draw its own: SPO)."""
-        drawn = self.stage_state.draw(self) if hasattr(self.stage_state, "draw") else None
+        drawn = self.hooks.draw(self)
         if drawn is not None:
             return drawn
         n = self.prompts_per_step()
-        return self.sampler.take(n * self.t.world)[self.t.rank * n : (self.t.rank + 1) * n]
+        return self.sampler.take(n * self.rt.world)[self.rt.rank * n : (self.rt.rank + 1) * n]
 
     def rollout(self) -> list[RolloutBatch]:
-        t, o, tok = self.t, self.opts, self.t.tokenizer
+        t, o, tok = self.rt, self.opts, self.rt.tokenizer
         G, B = o.num_generations, self.cfg.batch_size
-        if hasattr(self.stage_state, "before_rollout"):
-            self.stage_state.before_rollout(self)
+        self.hooks.before_rollout(self)
         index = self.draw()
         each = np.repeat(index, G)  # prompt index of every completion
         params = SamplingParams(
@@ -290,7 +320,7 @@ class RolloutSource:
         # Completion j of process r is completion r * len(each) + j of the step's global draw; its tokens
         # come from its own random stream (a key of seed, step and that index), so 1 process and N
         # processes with the same global batch sample the same completions.
-        keys = [row_key(self.cfg.seed, t.step, t.rank * len(each) + j) for j in range(len(each))]
+        keys = [row_key(self.cfg.seed, self.step, t.rank * len(each) + j) for j in range(len(each))]
         for start in range(0, len(each), B * G):  # one generate call per micro-batch
             rows = slice(start, start + B * G)
             with autocast(t.device, t.dtype):
@@ -331,10 +361,9 @@ class RolloutSource:
                 with autocast(t.device, t.dtype):
                     if self.reference is not None:
                         b.ref_logp = token_logps(self.reference(on.input_ids).logits, on.labels, o.temperature)
-                    if o.ppo_epochs > 1 or getattr(self.stage_state, "needs_old_logp", False):
+                    if o.ppo_epochs > 1 or self.hooks.needs_old_logp:
                         b.old_logp = token_logps(t.train_model(on.input_ids).logits, on.labels, o.temperature)
-        if hasattr(self.stage_state, "finish"):  # PPO: values, token rewards, GAE
-            self._record(self.stage_state.finish(self, batches, rewards.total))
+        self._record(self.hooks.finish(self, batches, rewards.total))  # PPO: values, token rewards, GAE
         return batches
 
     def _record(self, values: dict[str, float]) -> None:

@@ -35,7 +35,7 @@ from minimind.errors import ConfigError
 from minimind.losses import gae, token_rewards, value_loss, whiten
 from minimind.options import opt
 from minimind.reward_model import RewardModel, load_reward_model, token_values
-from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutBatch, RolloutSource
+from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutBatch, RolloutSource, StageHooks
 from minimind.stages.common import fit_and_report
 from minimind.stages.rl_common import add_rl_arguments, prepare_rl
 
@@ -103,7 +103,7 @@ class PPOLoss(PolicyLoss):
         return loss + o.vf_coef * vl, units, stats
 
 
-class PPOState:
+class PPOState(StageHooks):
     """What the rollout source asks of PPO: values, token rewards and GAE after sampling; early stop."""
 
     needs_old_logp = True  # the KL penalty reads the sampling policy's log-probs
@@ -114,8 +114,8 @@ class PPOState:
 
     @torch.no_grad()
     def finish(self, source: RolloutSource, batches: list[RolloutBatch], scores: torch.Tensor) -> dict[str, float]:
-        t, o = source.t, source.opts
-        critic = t.model.critic
+        t, o = source.rt, source.opts
+        critic = t.model.critic  # the actor-critic pair trained
         advs, masks, start, kl_pen, values = [], [], 0, [], []
         for b in batches:
             n = b.input_ids.shape[0]
@@ -148,10 +148,10 @@ class PPOState:
         o = source.opts
         if not o.target_kl or self.loss is None:
             return False
-        kl = self.loss.last_kl.detach().float().reshape(1).to(source.t.device)
-        if source.t.world > 1:
+        kl = self.loss.last_kl.detach().float().reshape(1).to(source.rt.device)
+        if source.rt.world > 1:
             dist.all_reduce(kl)
-            kl /= source.t.world
+            kl /= source.rt.world
         stop = float(kl) > 1.5 * o.target_kl
         self.stopped += stop
         return stop

@@ -18,6 +18,7 @@ from minimind.rl.rollout import (
     PolicyLoss,
     RLOptions,
     RolloutSource,
+    StageHooks,
     describe_rewards,
     held_out_rewards,
     policy_of,
@@ -53,7 +54,12 @@ def policy_setup(run: Any, opts: RLOptions, cfg: TrainConfig) -> tuple[Any, Any,
 
 
 def prepare_rl(
-    args: Any, stage: str, cls: type[RLOptions], advantages: Any, stage_state: Any = None, setup: Any = policy_setup
+    args: Any,
+    stage: str,
+    cls: type[RLOptions],
+    advantages: Any,
+    hooks: StageHooks | None = None,
+    setup: Any = policy_setup,
 ):
     """The engine set up for an RL stage: options, prompts, reward, reference, rollout source.
     `setup(run, opts, cfg)` gives the model to train, its loss and checkpoint (PPO: actor + critic)."""
@@ -79,7 +85,7 @@ def prepare_rl(
     info["reference"] = ref_dir or info["parent"]
     uses_reference = opts.beta > 0 or getattr(opts, "kl", 0) > 0
     reference = reference_model(run.model, tok, ref_dir) if uses_reference else None
-    source = lambda t: RolloutSource(t, prompts, ids, reward, opts, advantages(opts), reference, stage_state)
+    source = lambda rt: RolloutSource(rt, prompts, ids, reward, opts, advantages(opts), reference, hooks)
     trainer = Trainer(cfg, model.train(), tok, prompts, info, loss, checkpoint, source=source)  # type: ignore[arg-type]
     check = None
     if held is not None:

@@ -29,7 +29,7 @@ from minimind.engine import autocast
 from minimind.errors import ConfigError
 from minimind.losses import k3_kl
 from minimind.options import opt
-from minimind.rl.rollout import RLOptions, RolloutSource, token_logps
+from minimind.rl.rollout import RLOptions, RolloutSource, StageHooks, token_logps
 from minimind.rl.spo import ValueTracker, spo_advantages
 from minimind.stages.common import fit_and_report
 from minimind.stages.rl_common import add_rl_arguments, prepare_rl
@@ -41,7 +41,7 @@ class SPOOptions(RLOptions):
     prioritize: bool | None = opt(None, "sample prompts by uncertainty sqrt(v(1 - v)) (None: off)")
 
 
-class SPOState:
+class SPOState(StageHooks):
     """Everything SPO keeps across rollouts; the rollout source calls `draw` and `before_rollout`."""
 
     needs_old_logp = True  # the drift is measured against the log-probs a rollout was sampled with
@@ -57,7 +57,7 @@ class SPOState:
         """Prioritised draw (None: the source's usual shuffled order)."""
         if not self.prioritize:
             return None
-        n, t, num = source.prompts_per_step(), source.t, len(source.prompts)
+        n, t, num = source.prompts_per_step(), source.rt, len(source.prompts)
         w = self.tracker.weights(range(num)).double().numpy()
         rng = np.random.default_rng([source.cfg.seed, self.rollouts, 11])
         drawn = rng.choice(num, size=n * t.world, replace=False, p=w / w.sum())
@@ -66,7 +66,7 @@ class SPOState:
     @torch.no_grad()
     def before_rollout(self, source: RolloutSource) -> None:
         """Add the drift of the policy since the previous rollout, measured on that rollout's tokens."""
-        t, kls = source.t, []
+        t, kls = source.rt, []
         self.device, self.rank, self.world = t.device, t.rank, t.world
         for b in source.pending:
             on = b.to(t.device)
