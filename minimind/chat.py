@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from minimind.errors import ConfigError
 from minimind.generate import GenerateOutput, SamplingParams, generate
-from minimind.inference import add_sampling_arguments, resolve_device, rope_overrides, sampling_params
+from minimind.inference import add_sampling_arguments, open_run, rope_overrides, sampling_params
 from minimind.model import MiniMind
 from minimind.tokenizer import StreamDecoder, Tokenizer
 
@@ -248,13 +248,9 @@ def add_arguments(p: Any) -> None:
 
 
 def main(args: Any) -> None:
-    from minimind.checkpoint import load_config, load_run
+    from minimind.checkpoint import load_config
 
-    run = load_run(args.run_dir, device=resolve_device(args.device), **rope_overrides(args, load_config(args.run_dir)))
-    if args.lora:
-        from minimind.lora import apply_adapter
-
-        apply_adapter(run, args.lora)
+    run = open_run(args.run_dir, args.device, args.lora, **rope_overrides(args, load_config(args.run_dir)))
     tok = run.tokenizer
     params = sampling_params(args, tok.stop_ids)
     params.validate()

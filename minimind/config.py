@@ -159,10 +159,13 @@ def preset_of(cfg: ModelConfig) -> str | None:
 class TrainConfig:
     """Options of the training engine, shared by every stage (stages add their own on top)."""
 
+    # the run and its rows
     out: str = opt("", "the run directory this stage writes", metavar="RUN_DIR")
     max_seq_len: int = opt(512, "tokens per row")
     batch_size: int = opt(32, "rows per micro-batch per process")
     accumulation: int = opt(8, "micro-batches per optimizer step")
+
+    # AdamW and the schedule
     lr: float = opt(5e-4, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "cosine decays to lr * min_lr_ratio")
     warmup_steps: int = opt(-1, "linear warmup steps; -1: 1% of the steps, at least 1")
@@ -170,6 +173,8 @@ class TrainConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
+
+    # how long, where, how
     epochs: int = opt(1, "passes over the data")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0: as many as --epochs take")
     seed: int = opt(42, "seed of the data order, initial weights and sampling")
@@ -177,6 +182,8 @@ class TrainConfig:
     dtype: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16")
     compile: bool = opt(False, "torch.compile the model")
     grad_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
+
+    # checkpoints, data errors, logging
     save_every: int = opt(0, "write a checkpoint every N steps; 0: only at the end")
     log_every: int = opt(10, "print and log every N steps")
     resume: bool = opt(False, "continue the run in --out exactly where it stopped")
@@ -186,6 +193,8 @@ class TrainConfig:
     wandb: bool = opt(False, "log to Weights & Biases")
     swanlab: bool = opt(False, "log to SwanLab; offline (RUN_DIR/swanlog) unless SWANLAB_MODE or SWANLAB_API_KEY")
     tensorboard: bool = opt(False, "log to TensorBoard (RUN_DIR/tensorboard)")
+
+    # engines (DDP is any launch with several processes)
     fsdp: bool = opt(False, "FSDP2 under torchrun: weights, gradients and optimizer state sharded per block")
     zero: int = opt(0, "DeepSpeed ZeRO stage 1, 2 or 3 (under deepspeed or torchrun)")
     deepspeed: str = opt("", "a DeepSpeed JSON config (zero_optimization, offload)", metavar="FILE.json")

@@ -33,8 +33,10 @@ import torch
 
 from minimind.checkpoint import Run
 from minimind.data.evalsets import MathItem, MCItem, extract_number, read_gsm8k, read_mc, same_number
+from minimind.data.prompts import encode_prompt, render_prompt
 from minimind.data.readers import iter_jsonl
 from minimind.errors import ConfigError, DataError
+from minimind.losses import token_logps
 from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
 
@@ -62,10 +64,7 @@ def token_logprobs(model: MiniMind, seqs: list[list[int]], batch_size: int = 16)
         for r, i in enumerate(rows):
             s = torch.tensor(seqs[i], dtype=torch.long)
             inputs[r, : len(s) - 1], targets[r, : len(s) - 1] = s[:-1], s[1:]
-        logits = model(inputs.to(device)).logits.float()
-        # log softmax at the target only: logit[target] - logsumexp(logits), no (B, T, V) copy.
-        logp = logits.gather(-1, targets.to(device)[..., None]).squeeze(-1) - logits.logsumexp(-1)
-        logp = logp.cpu().numpy()
+        logp = token_logps(model(inputs.to(device)).logits, targets.to(device)).cpu().numpy()
         for r, i in enumerate(rows):
             out[i] = logp[r, : len(seqs[i]) - 1]
     return out
@@ -75,23 +74,6 @@ def windows(ids: list[int], scored: np.ndarray, max_len: int) -> list[tuple[list
     """Cut x (n tokens, `scored[t-1]` says whether target x_t counts) into pieces of at most
     max_len + 1 tokens overlapping by one, so each target is predicted exactly once."""
     return [(ids[s : s + max_len + 1], scored[s : s + max_len]) for s in range(0, max(len(ids) - 1, 1), max_len)]
-
-
-def render_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool) -> str:
-    """The prompt as the model reads it: for chat, the messages (a string is one user turn) in the
-    chat template plus `<|im_start|>assistant\\n`; plain text as it is."""
-    if not chat:
-        if not isinstance(prompt, str):
-            raise ConfigError("a plain prompt is text, not messages (score it with chat=True)")
-        return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return tokenizer.render_chat(messages, add_generation_prompt=True)
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool) -> list[int]:
-    """Prompt ids; a plain prompt starts with BOS, as every pretraining document does."""
-    ids = tokenizer.encode(render_prompt(tokenizer, prompt, chat))
-    return ids if chat else [tokenizer.bos_id] + ids
 
 
 def score_options(
@@ -112,7 +94,7 @@ def score_options(
     max_len = min(max_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
     seqs, spans = [], []
     for prompt, options in prompts_and_options:
-        p = encode_prompt(tokenizer, prompt, chat)
+        p = encode_prompt(tokenizer, prompt, chat=chat)
         for option in options:
             c = tokenizer.encode(option) + ([tokenizer.eos_id] if chat else [])
             seqs.append((p + c)[-(max_len + 1) :])
@@ -150,7 +132,7 @@ def greedy_replies(
     from minimind.generate import SamplingParams, generate
 
     tok, max_pos = run.tokenizer, run.model.cfg.max_position_embeddings
-    ids = [encode_prompt(tok, p, chat) for p in prompts]
+    ids = [encode_prompt(tok, p, chat=chat) for p in prompts]
     replies = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     for start in range(0, len(order), batch_size):
@@ -223,7 +205,7 @@ def eval_mc(
             {
                 "where": it.where,
                 "question": it.question,
-                "prompt": render_prompt(run.tokenizer, prompt, chat),
+                "prompt": render_prompt(run.tokenizer, prompt, chat=chat),
                 "choices": dict(zip(it.letters, it.choices)),
                 "reference": it.letters[it.answer],
                 "prediction": it.letters[pick],
@@ -253,7 +235,7 @@ def eval_gsm8k(
             {
                 "where": it.where,
                 "question": it.question,
-                "prompt": render_prompt(tok, prompt, chat),
+                "prompt": render_prompt(tok, prompt, chat=chat),
                 "output": reply,
                 "prediction": pred,
                 "reference": it.reference,
@@ -299,7 +281,7 @@ def eval_format(
         raise DataError(f"{path}: no conversations")
     replies = greedy_replies(run, prompts, wheres, chat, batch_size, max_new_tokens)
     items = [
-        {"where": w, "prompt": render_prompt(run.tokenizer, p, chat), "output": r, "follows": follows_format(r)}
+        {"where": w, "prompt": render_prompt(run.tokenizer, p, chat=chat), "output": r, "follows": follows_format(r)}
         for w, p, r in zip(wheres, prompts, replies)
     ]
     metrics = {
@@ -422,17 +404,10 @@ def add_arguments(p: Any) -> None:
 
 
 def main(args: Any) -> None:
-    from minimind.checkpoint import load_run
     from minimind.fileio import atomic_write_text
-    from minimind.inference import resolve_device
+    from minimind.inference import open_run
 
-    device = resolve_device(args.device)
-    run = load_run(args.run_dir, device=device)
-    if args.lora:
-        from minimind.lora import apply_adapter
-
-        apply_adapter(run, args.lora)
-        run.model.to(device).eval()
+    run = open_run(args.run_dir, args.device, args.lora)
     names = ("limit", "batch_size", "max_seq_len", "max_new_tokens", "dev", "shots", "prompt_style", "run_dir")
     report = evaluate(run, args.task, args.data, **{k: getattr(args, k) for k in names})
     if args.lora:

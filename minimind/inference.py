@@ -74,6 +74,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def open_run(path: str, device: str = "auto", lora: str | None = None, merge_lora: bool = False, **overrides: Any):
+    """The run at `path` on `device` (auto: cuda, then mps, then cpu), with `overrides` of its model
+    config (YaRN), and the LoRA adapter at `lora` applied (or folded into the weights, `merge_lora`):
+    what chat, eval, serve and export load."""
+    from minimind.checkpoint import load_run
+
+    where = resolve_device(device)
+    run = load_run(path, device=where, **overrides)
+    if lora:
+        from minimind.lora import apply_adapter, merge
+
+        apply_adapter(run, lora)
+        if merge_lora:
+            merge(run.model)
+        run.model.to(where).eval()
+    return run
+
+
 def add_arguments(p: Any) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", required=True, help="text to continue (or a user message with --chat)")
@@ -84,11 +102,10 @@ def add_arguments(p: Any) -> None:
 
 
 def main(args: Any) -> None:
-    from minimind.checkpoint import load_config, load_run
+    from minimind.checkpoint import load_config
     from minimind.tokenizer import StreamDecoder
 
-    overrides = rope_overrides(args, load_config(args.run_dir))
-    run = load_run(args.run_dir, device=resolve_device(args.device), **overrides)
+    run = open_run(args.run_dir, args.device, **rope_overrides(args, load_config(args.run_dir)))
     tok = run.tokenizer
     if args.chat:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)

@@ -25,15 +25,25 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
     )
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: (sum_t log p(y_t | y_<t) over labelled positions, number of those positions).
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log p(y_t) of each label under softmax(logits_t / T), float32; 0 where the label is IGNORE.
 
-    The sequence log-probability DPO and the RL stages compare between models; float32.
+        log p(y) = z_y - logsumexp(z),   z = logits / T
+
+    The one per-token log-prob (DPO, RL ratios and KLs, evaluation): the label's logit minus the
+    log-normaliser, so no (B, T, V) log-softmax tensor is made beside the float32 logits.
     """
-    mask = labels != IGNORE
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token * mask).sum(-1), mask.sum(-1)
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    picked = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked - z.logsumexp(-1)).masked_fill(labels == IGNORE, 0.0)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum_t log p(y_t | y_<t) over labelled positions, number of those positions): the
+    sequence log-probability DPO compares between models; float32."""
+    return token_logps(logits, labels).sum(-1), (labels != IGNORE).sum(-1)
 
 
 def dpo_loss(

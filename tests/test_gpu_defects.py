@@ -14,12 +14,12 @@ from minimind.checkpoint import save_run
 from minimind.data.packing import IGNORE
 from minimind.data.prompts import Prompt
 from minimind.generate import SamplingParams, generate
-from minimind.losses import entropy_from_logits, kd_kl_sum, policy_loss
+from minimind.losses import entropy_from_logits, kd_kl_sum, policy_loss, token_logps
 from minimind.model import MiniMind
 from minimind.reward_model import RewardModel
 from minimind.rl import rewards
 from minimind.rl.rewards import parse_reward
-from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutSource, completion_rows, token_logps
+from minimind.rl.rollout import PolicyLoss, RLOptions, RolloutSource, completion_rows
 from minimind.sources import Runtime
 
 # ---- rollout rows and the RoPE table --------------------------------------------------------------

@@ -25,7 +25,8 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (p
 
 from minimind.checkpoint import load_run  # noqa: E402
 from minimind.cli import main  # noqa: E402
-from minimind.eval import encode_prompt, evaluate, token_logprobs  # noqa: E402
+from minimind.data.prompts import encode_prompt  # noqa: E402
+from minimind.eval import evaluate, token_logprobs  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from minimind.data.chat import check_messages
 from minimind.data.readers import iter_jsonl
-from minimind.errors import DataError
+from minimind.errors import ConfigError, DataError
 from minimind.tokenizer import BOS, Tokenizer
 
 
@@ -90,13 +90,29 @@ def read_prompts(paths: list[str | Path], skip_bad_lines: bool = False) -> Promp
     return Prompts(out, skipped)
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, think: bool | None = None) -> list[int]:
-    """The ids the policy continues: the chat template with the assistant header opened.
+def render_prompt(
+    tokenizer: Tokenizer, prompt: Prompt | list[dict] | str, think: bool | None = None, chat: bool = True
+) -> str:
+    """The prompt as the model reads it. Chat: the messages (of a `Prompt`, a list, or a string as one
+    user turn) in the chat template with the assistant header opened; think=True opens a `<think>`
+    block (the model reasons first), False inserts an empty one (it answers directly), None leaves it to
+    the template (ours: nothing; upstream's: an empty block). Not chat: the text as it is."""
+    if not chat:
+        if not isinstance(prompt, str):
+            raise ConfigError("a plain prompt is text, not messages (score it with chat=True)")
+        return prompt
+    messages = prompt.messages if isinstance(prompt, Prompt) else prompt
+    messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+    return tokenizer.render_chat(messages, add_generation_prompt=True, enable_thinking=think)
 
-    think=True opens a `<think>` block (the policy reasons first), False inserts an empty one (it
-    answers directly), None leaves it to the template (ours: nothing; upstream's: an empty block).
-    """
-    return tokenizer.encode_chat(prompt.messages, add_generation_prompt=True, enable_thinking=think)
+
+def encode_prompt(
+    tokenizer: Tokenizer, prompt: Prompt | list[dict] | str, think: bool | None = None, chat: bool = True
+) -> list[int]:
+    """The ids the model continues (`render_prompt`); a plain prompt starts with BOS, as every
+    pretraining document does."""
+    ids = tokenizer.encode(render_prompt(tokenizer, prompt, think, chat))
+    return ids if chat else [tokenizer.bos_id] + ids
 
 
 def reply_prefix(tokenizer: Tokenizer, think: bool | None = None) -> str:

@@ -21,14 +21,9 @@ def add_arguments(p: Any) -> None:
 
 
 def main(args: Any) -> None:
-    from minimind.checkpoint import load_run
+    from minimind.inference import open_run
 
-    run = load_run(args.run)
-    if args.lora:
-        from minimind.lora import apply_adapter, merge
-
-        apply_adapter(run, args.lora)
-        merge(run.model).eval()
+    run = open_run(args.run, "cpu", args.lora, merge_lora=True)
     out = Path(args.out)
     if args.format == "hf":
         from minimind.export.hf import export_hf

@@ -36,7 +36,7 @@ from minimind.data.prompts import Prompt, encode_prompt, reply_prefix
 from minimind.engine import autocast
 from minimind.errors import ConfigError
 from minimind.generate import SamplingParams, generate, row_key
-from minimind.losses import entropy_from_logits, policy_loss
+from minimind.losses import entropy_from_logits, policy_loss, token_logps
 from minimind.options import opt
 from minimind.rl.rewards import RewardFn, Rewards
 from minimind.sources import BatchSource, Runtime
@@ -52,11 +52,15 @@ class RLOptions:
     num_generations: int = opt(8, "completions sampled per prompt (G)")
     max_new_tokens: int = opt(256, "longest completion")
     temperature: float = opt(1.0, "sampling temperature (full distribution: no top-k/top-p in RL)")
+
+    # the loss
     beta: float = opt(0.02, "weight of the k3 KL to the reference (0: no reference model)")
     clip: float = opt(0.2, "ratio clip epsilon")
     clip_high: float = opt(0.0, "upper clip epsilon (DAPO's clip-higher; 0: same as --clip)")
     loss: str = opt("grpo", "grpo | dr_grpo | cispo")
     ppo_epochs: int = opt(1, "optimizer steps on each rollout")
+
+    # the reference, the prompt, the held-out check
     ref: str = opt("", "the frozen reference model (default: the --from run)", metavar="RUN_DIR")
     think: bool | None = opt(None, "open a <think> block in the generation prompt", negate="--no-think")
     eval_tokens: int = opt(0, "reply length of the held-out check (0: --max-new-tokens)")
@@ -94,13 +98,6 @@ class RolloutBatch(Batch):
     def to(self, device: torch.device) -> RolloutBatch:
         move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
         return RolloutBatch(**{k: move(v) for k, v in self.tensors().items()})
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, T) log-prob of each label under softmax(logits / T), float32; 0 where the label is IGNORE."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    out = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return out.masked_fill(labels == IGNORE, 0.0)
 
 
 def completion_rows(

@@ -51,8 +51,7 @@ def build(args: Any) -> Any:
     """The FastAPI app for these arguments (model loaded, adapter applied)."""
     import torch
 
-    from minimind.checkpoint import load_run
-    from minimind.inference import resolve_device
+    from minimind.inference import open_run
     from minimind.serve.app import Server, create_app
 
     if args.max_concurrency < 1:
@@ -63,11 +62,7 @@ def build(args: Any) -> Any:
         raise ConfigError("--api-key must not be empty")
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = load_run(args.run_dir, device=resolve_device(args.device))
-    if args.lora:
-        from minimind.lora import apply_adapter
-
-        apply_adapter(run, args.lora)
+    run = open_run(args.run_dir, args.device, args.lora)
     name = args.model_name or Path(args.run_dir).resolve().name
     server = Server(run, name, args.api_key, args.max_concurrency, args.max_tokens_cap)
     return create_app(server)

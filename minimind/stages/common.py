@@ -36,7 +36,7 @@ from minimind.tokenizer import Tokenizer
 
 # Default SFT learning rate by preset. Upstream uses 5e-7 (MiniMind2, trainer/train_full_sft.py at
 # 0323815) and 1e-5 (minimind-3); on our demo data 5e-7 leaves a model where it was, so ours are
-# higher. README.md has the table.
+# higher. docs/sft.md has the table.
 SFT_LR = {
     "tiny": 2e-3,
     "tiny-moe": 2e-3,
@@ -49,7 +49,7 @@ SFT_LR = {
 
 # Default DPO learning rate by preset. Upstream uses 4e-8 (trainer/train_dpo.py): the loss stays at
 # log 2 = 0.693 (measured: 0.692 after 40 steps on minimind2-small). tiny and minimind2-small are
-# measured on the demo pairs, the larger presets scaled down from them. README.md has the table.
+# measured on the demo pairs, the larger presets scaled down from them. docs/preference.md has them.
 DPO_LR = {
     "tiny": 1e-4,
     "tiny-moe": 1e-4,

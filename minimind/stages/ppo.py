@@ -51,9 +51,13 @@ class PPOOptions(RLOptions):
         "", "critic to start from: a `minimind reward` run (default: the actor with a fresh value head)",
         metavar="RUN_DIR",
     )  # fmt: skip
+
+    # GAE and the critic
     gamma: float = opt(1.0, "discount of GAE")
     lam: float = opt(0.95, "lambda of GAE")
     value_clip: float = opt(0.2, "clip of the value loss")
+
+    # the KL penalty and the update
     kl: float = opt(0.02, "per-token KL penalty to the reference, in the reward")
     vf_coef: float = opt(0.5, "weight of the value loss")
     minibatches: int = opt(1, "optimizer steps per pass over a rollout (divides --accumulation)")

@@ -45,7 +45,7 @@ from minimind.tokenizer import Tokenizer
 
 TAGS = tuple(SPECIAL_TAGS[:4])  # <think> </think> <answer> </answer>
 # Upstream (train_distill_reason.py): 1 epoch, rows of 1024 tokens (its data is r1_mix_1024). The
-# learning rate follows SFT's table (README.md).
+# learning rate follows SFT's table (docs/sft.md).
 REASON = SFT.but(options={**SFT.options, "epochs": 1, "max_seq_len": 1024})
 HELD_OUT_PROMPTS = 64  # greedy replies generated for the format check
 

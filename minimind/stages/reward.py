@@ -39,7 +39,7 @@ from minimind.stages.common import (
 )
 
 # Upstream trains no reward model (its RL stages score with an external InternLM2 reward model), so
-# these are ours: tiny measured on the demo data (README.md), the rest the usual full fine-tuning scale.
+# these are ours: tiny measured on the demo data (docs/preference.md), the rest the usual full fine-tuning scale.
 REWARD = DPO.but(lrs={"tiny": 1e-3, "tiny-moe": 1e-3}, default_lr=1e-5)
 HELDOUT = 0.1
 

@@ -34,7 +34,7 @@ from minimind.stages.common import (
 )
 
 # Default learning rate by preset: DPO's table (the same values measured as moving a policy without
-# wrecking it; upstream's GRPO uses 8e-8). README.md has the table.
+# wrecking it; upstream's GRPO uses 8e-8). docs/rl.md has the table.
 # batch_size = prompts per micro-batch (each sampled G times); accumulation micro-batches per rollout.
 RL = DPO.but(options={"batch_size": 4, "accumulation": 1, "epochs": 1, "weight_decay": 0.0, "max_seq_len": 1024})
 PROMPTS = 'prompts .jsonl: {"conversations": [...], "answer": ...}'

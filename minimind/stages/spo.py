@@ -27,9 +27,9 @@ import torch.distributed as dist
 from minimind.data.packing import IGNORE
 from minimind.engine import autocast
 from minimind.errors import ConfigError
-from minimind.losses import k3_kl
+from minimind.losses import k3_kl, token_logps
 from minimind.options import opt
-from minimind.rl.rollout import RLOptions, RolloutSource, StageHooks, token_logps
+from minimind.rl.rollout import RLOptions, RolloutSource, StageHooks
 from minimind.rl.spo import ValueTracker, spo_advantages
 from minimind.stages.common import fit_and_report
 from minimind.stages.rl_common import add_rl_arguments, prepare_rl
