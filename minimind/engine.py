@@ -35,7 +35,7 @@ from minimind.checkpoint import (
     publish_checkpoint,
 )
 from minimind.config import TrainConfig
-from minimind.data.packing import Batch, Rows
+from minimind.data.batch import Batch, Rows
 from minimind.errors import CheckpointError, ConfigError, MiniMindError
 from minimind.hardware import check_compile, peak_flops, precision, setup_distributed
 from minimind.losses import token_cross_entropy_sum

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minimind.chatformat import follows_format
 from minimind.checkpoint import Run
 from minimind.data.evalsets import MathItem, MCItem, extract_number, read_gsm8k, read_mc, same_number
 from minimind.data.prompts import encode_prompt, render_prompt
@@ -244,22 +245,6 @@ def eval_gsm8k(
         )
     answered = float(np.mean([r["prediction"] is not None for r in results]))
     return {"accuracy": float(np.mean([r["correct"] for r in results])), "answered": answered}, results
-
-
-THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
-
-
-def follows_format(reply: str) -> bool:
-    """Whether a reply is `<think>…</think>` then `<answer>…</answer>`, both non-empty, no stray tags.
-
-    >>> follows_format("<think>\\n2 + 2 = 4\\n</think>\\n<answer>\\n4\\n</answer>")
-    True
-    >>> follows_format("<answer>4</answer>"), follows_format("<think> </think><answer>4</answer>")
-    (False, False)
-    """
-    m = THINK_ANSWER.fullmatch(reply)
-    tags = ("<think>", "</think>", "<answer>", "</answer>")
-    return bool(m) and all(part.strip() and not any(t in part for t in tags) for part in m.groups())
 
 
 def eval_format(

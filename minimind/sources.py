@@ -19,7 +19,7 @@ from torch import nn
 
 from minimind.checkpoint import WEIGHTS, load_weights, save_run
 from minimind.config import TrainConfig
-from minimind.data.packing import Batch, Rows, Sampler
+from minimind.data.batch import Batch, Rows, Sampler
 from minimind.errors import ConfigError
 from minimind.tokenizer import Tokenizer
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from minimind.checkpoint import Run, load_run
-from minimind.data.packing import IGNORE, Rows
+from minimind.data.batch import IGNORE, Rows
 from minimind.engine import autocast
 from minimind.errors import CheckpointError, ConfigError
 from minimind.losses import kd_kl_sum, token_cross_entropy_sum

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from minimind import cli
-from minimind.chat import Display, Session, ThinkFilter, split_think
+from minimind.chat import Display, Session
+from minimind.chatformat import ThinkFilter, split_think
 from minimind.checkpoint import init_run, load_run
 from minimind.config import TrainConfig, preset
 from minimind.data.chat import ChatRows, tokenize_conversations

@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from minimind.data.packing import IGNORE, PackedRows, Sampler
+from minimind.data.batch import IGNORE, Sampler
+from minimind.data.packing import PackedRows
 from minimind.data.tokens import tokenize_files
 from minimind.errors import DataError
 from minimind.tokenizer import Tokenizer

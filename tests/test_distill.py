@@ -21,9 +21,9 @@ from torch import nn
 from minimind import teacher as teachers
 from minimind.checkpoint import init_run, load_run
 from minimind.cli import build_parser
+from minimind.data.batch import IGNORE
 from minimind.data.chat import ChatRows, tokenize_conversations
 from minimind.data.demo import sft_records
-from minimind.data.packing import IGNORE
 from minimind.errors import ConfigError, DataError
 from minimind.losses import kd_kl_sum
 from minimind.stages import distill

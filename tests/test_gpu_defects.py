@@ -11,7 +11,7 @@ import torch
 from conftest import sharp_model, tiny_config
 
 from minimind.checkpoint import save_run
-from minimind.data.packing import IGNORE
+from minimind.data.batch import IGNORE
 from minimind.data.prompts import Prompt
 from minimind.generate import SamplingParams, generate
 from minimind.losses import entropy_from_logits, kd_kl_sum, policy_loss, token_logps

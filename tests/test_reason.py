@@ -14,8 +14,8 @@ from conftest import _run_cli, sharp_model
 from safetensors.torch import load_file
 
 from minimind.cli import build_parser
+from minimind.data.batch import IGNORE
 from minimind.data.chat import ChatRows, tokenize_conversations
-from minimind.data.packing import IGNORE
 from minimind.errors import ConfigError, DataError
 from minimind.stages import reason
 

@@ -17,7 +17,7 @@ from conftest import _run_cli, sharp_model
 from safetensors.torch import load_file
 
 from minimind.cli import build_parser
-from minimind.data.packing import IGNORE
+from minimind.data.batch import IGNORE
 from minimind.errors import ConfigError
 from minimind.generate import SamplingParams, generate
 from minimind.losses import token_logps

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from minimind.chat import split_think
+from minimind.chatformat import split_think
 from minimind.checkpoint import load_run
 from minimind.errors import ConfigError
 from minimind.generate import SamplingParams, generate

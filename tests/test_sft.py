@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import _run_cli, sharp_model
 
+from minimind.data.batch import IGNORE
 from minimind.data.chat import ChatRows, encode_conversations, render, tokenize_conversations
-from minimind.data.packing import IGNORE
 from minimind.engine import lm_loss
 from minimind.errors import DataError
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from minimind.data.batch import IGNORE, Batch
 from minimind.data.cache import Columns, Meter, Skipped, cached, pipelined, progress
-from minimind.data.packing import IGNORE, Batch
 from minimind.data.readers import iter_checked
 from minimind.data.tokens import batched, offsets_of, token_dtype
 from minimind.errors import DataError

@@ -1,4 +1,4 @@
-"""Packing documents into fixed-length rows, and a sampler whose position is resumable state.
+"""Packing documents into fixed-length rows.
 
 Row i of length T is tokens[i*T : i*T + T + 1] of the concatenated stream: inputs are its first T
 tokens, labels its last T. Consecutive rows overlap by one token, so every token of the stream is
@@ -9,44 +9,10 @@ inside a document and positions restart at each one, exactly as if documents wer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import numpy as np
 import torch
 
-IGNORE = -100
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, T) int64
-    labels: torch.Tensor  # (B, T) int64, IGNORE where no loss is taken
-    segment_ids: torch.Tensor | None = None  # (B, T) document index, when attention is kept per document
-
-    def to(self, device: torch.device) -> Batch:
-        seg = None if self.segment_ids is None else self.segment_ids.to(device, non_blocking=True)
-        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True), seg)
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens that carry loss (counted on the host, before the batch moves to a device); the
-        engine's throughput counts these."""
-        return int((self.labels != IGNORE).sum())
-
-    @property
-    def loss_units(self) -> float:
-        """What the stage's loss sum is divided by, summed over the optimizer step: its loss tokens,
-        unless a stage counts otherwise (pairs for DPO, the summed token weights for reasoning)."""
-        return self.num_tokens
-
-
-class Rows(Protocol):
-    """What the engine trains on: a number of rows, and a batch for any list of row indices."""
-
-    def __len__(self) -> int: ...
-
-    def batch(self, rows: np.ndarray) -> Batch: ...
+from minimind.data.batch import IGNORE, Batch
 
 
 class PackedRows:
@@ -74,47 +40,3 @@ class PackedRows:
             chunk_labels[torch.from_numpy(next_doc != doc)] = IGNORE
             return Batch(chunk[:, :-1], chunk_labels, seg)
         return Batch(chunk[:, :-1], chunk[:, 1:].clone(), seg)
-
-
-class Sampler:
-    """Row indices in a fresh seeded permutation each epoch; (epoch, position) is the whole state.
-
-    Each call hands out `n` indices; a draw that crosses the end of an epoch continues in the next
-    one. Deterministic given the seed, so resuming from a saved state repeats nothing and skips nothing.
-    """
-
-    def __init__(self, num_rows: int, seed: int, shuffle: bool = True):
-        if num_rows == 0:
-            raise ValueError("no training rows: the data is shorter than one sequence")
-        self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_rows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-
-    def take(self, n: int) -> np.ndarray:
-        out = []
-        while n > 0:
-            if self.position == self.num_rows:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            k = min(n, self.num_rows - self.position)
-            out.append(self._order[self.position : self.position + k])
-            self.position += k
-            n -= k
-        return np.concatenate(out)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "num_rows": self.num_rows, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["num_rows"] != self.num_rows or state["seed"] != self.seed:
-            raise ValueError(
-                f"the data changed since the checkpoint ({state['num_rows']} rows, seed {state['seed']}"
-                f" then; {self.num_rows} rows, seed {self.seed} now): cannot resume exactly"
-            )
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation(self.epoch)

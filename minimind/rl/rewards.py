@@ -19,7 +19,7 @@ ids `<|im_end|>`, `<|endoftext|>` are gone; `<think> </think> <answer> </answer>
 our tokenizer, so they stay, and upstream's tokenizer spells them out in plain text anyway), with
 what the generation prompt already opened in front (`reply_prefix`, e.g. `<think>\\n` with --think).
 Rules read the tags; reward models judge what a user is shown, the reply with its reasoning removed
-(`minimind.chat.split_think`), as upstream scores only the text after `</think>`.
+(`minimind.chatformat.split_think`), as upstream scores only the text after `</think>`.
 
 Scores are per completion. `prompts` holds one prompt per completion, or one per group of k
 consecutive completions (GRPO's G samples of each prompt). Reward models load on first use, once
@@ -37,11 +37,10 @@ from pathlib import Path
 
 import torch
 
-from minimind.chat import split_think
+from minimind.chatformat import follows_format, split_think
 from minimind.data.evalsets import ANSWER_TAG, extract_number, same_number
 from minimind.data.prompts import Prompt
 from minimind.errors import ConfigError, DataError
-from minimind.eval import follows_format
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -85,7 +84,7 @@ def close_reward(reply: str, answer: str, scale: float = 10.0) -> float:
 
 def format_reward(reply: str) -> float:
     """0.5 when the reply is exactly `<think>…</think><answer>…</answer>` (both non-empty, see
-    `minimind.eval.follows_format`), plus 0.125 for each of the four tags that occurs exactly once:
+    `minimind.chatformat.follows_format`), plus 0.125 for each of the four tags that occurs exactly once:
     partial credit, so that a model far from the format still sees which way is up (upstream's
     format + "mark" rewards, scaled to 0..1).
 

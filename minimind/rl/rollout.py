@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from minimind.data.packing import IGNORE, Batch, Sampler
+from minimind.data.batch import IGNORE, Batch, Sampler
 from minimind.data.prompts import Prompt, encode_prompt, reply_prefix
 from minimind.engine import autocast
 from minimind.errors import ConfigError

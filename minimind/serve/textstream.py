@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minimind.chat import ThinkFilter, tag_prefix
+from minimind.chatformat import ThinkFilter, tag_prefix
 from minimind.serve.tools import TOOL_CALL_OPEN, parse_tool_calls
 from minimind.tokenizer import StreamDecoder, Tokenizer
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from minimind.checkpoint import CONFIG, RUN_INFO, Run, load_config, load_run
 from minimind.config import TrainConfig, preset_of
+from minimind.data.batch import Rows
 from minimind.data.chat import ChatRows, show_mask, tokenize_conversations
-from minimind.data.packing import Rows
 from minimind.data.preference import PairBatch, PairRows, read_preferences
 from minimind.engine import STATE, LossFn, RunCheckpoint, Trainer, TrainResult, autocast, evaluate_loss, lm_loss
 from minimind.errors import ConfigError

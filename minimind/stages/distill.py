@@ -26,7 +26,8 @@ from torch import nn
 
 from minimind.checkpoint import Run, new_model
 from minimind.config import PRESETS, ModelConfig, TrainConfig
-from minimind.data.packing import IGNORE, Batch, PackedRows, Rows
+from minimind.data.batch import IGNORE, Batch, Rows
+from minimind.data.packing import PackedRows
 from minimind.data.readers import iter_jsonl
 from minimind.data.tokens import tokenize_files
 from minimind.engine import Trainer

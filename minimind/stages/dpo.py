@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minimind.data.packing import IGNORE
+from minimind.data.batch import IGNORE
 from minimind.data.preference import FORMS, PairBatch, PairRows
 from minimind.engine import Trainer
 from minimind.errors import ConfigError

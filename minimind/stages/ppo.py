@@ -29,7 +29,7 @@ from torch import nn
 
 from minimind.checkpoint import WEIGHTS, load_config, load_weights, save_run
 from minimind.config import TrainConfig
-from minimind.data.packing import IGNORE
+from minimind.data.batch import IGNORE
 from minimind.engine import RunCheckpoint, autocast
 from minimind.errors import ConfigError
 from minimind.losses import gae, token_rewards, value_loss, whiten

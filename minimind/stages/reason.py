@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from minimind.checkpoint import Run
+from minimind.data.batch import IGNORE, Batch
 from minimind.data.chat import ChatRows, ChatTokens
-from minimind.data.packing import IGNORE, Batch
 from minimind.engine import Trainer, evaluate_loss
 from minimind.errors import ConfigError, DataError
 from minimind.losses import weighted_token_cross_entropy_sum

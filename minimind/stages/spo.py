@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minimind.data.packing import IGNORE
+from minimind.data.batch import IGNORE
 from minimind.engine import autocast
 from minimind.errors import ConfigError
 from minimind.losses import k3_kl, token_logps
