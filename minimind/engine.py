@@ -113,14 +113,16 @@ class Trainer:
         cfg: TrainConfig,
         model: MiniMind,
         tokenizer: Tokenizer,
-        rows: Rows,
+        rows: Rows | None,
         info: dict[str, Any],
         loss_fn: LossFn = lm_loss,
         checkpoint: RunCheckpoint | None = None,
         source: Callable[[Runtime], BatchSource] | None = None,
     ):
         """`source(runtime)` builds where batches come from, once the model is on its device and wrapped
-        (default: RowBatches over `rows`); the RL stages pass one that generates rollouts."""
+        (default: RowBatches over `rows`); the RL stages pass one that generates rollouts (and no rows)."""
+        if rows is None and source is None:
+            raise ValueError("the Trainer needs rows or a batch source")
         cfg.validate()
         self.cfg, self.tokenizer, self.rows, self.info, self.loss_fn = cfg, tokenizer, rows, info, loss_fn
         self.checkpoint = checkpoint or RunCheckpoint()
@@ -162,7 +164,11 @@ class Trainer:
             cfg, tokenizer, self.device, self.dtype, self.rank, self.world, self.model, self.train_model,
             self.sampling_model,
         )  # fmt: skip
-        self.source = source(self.runtime) if source else RowBatches(rows, cfg, self.rank, self.world)
+        if source is not None:
+            self.source: BatchSource = source(self.runtime)
+        else:
+            assert rows is not None  # checked above
+            self.source = RowBatches(rows, cfg, self.rank, self.world)
         self.total_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,20 +199,21 @@ def dpo_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     return out
 
 
+def sums(n: int, seed: int, held_out: bool) -> Iterator[tuple[random.Random, int, int]]:
+    """n sums a + b (a in 0..60, b in 0..39) on one side of the split, each with the generator, which
+    the caller may draw from further before the next sum (its stream stays one seeded sequence)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield rng, *sum_pair(rng, (0, 60), (0, 39), held_out)
+
+
 def rl_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Arithmetic prompts whose answer a rule can check; the assistant turn is a placeholder."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = sum_pair(rng, (0, 60), (0, 39), held_out)
-        q = rng.choice([f"What is {a} + {b}?", f"{a}加{b}等于多少？"])
-        out.append(
-            {
-                "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": "无"}],
-                "answer": str(a + b),
-            }
-        )
-    return out
+    user = lambda q: [{"role": "user", "content": q}, {"role": "assistant", "content": "无"}]
+    return [
+        {"conversations": user(rng.choice([f"What is {a} + {b}?", f"{a}加{b}等于多少？"])), "answer": str(a + b)}
+        for rng, a, b in sums(n, seed, held_out)
+    ]
 
 
 def reasoning_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
@@ -289,14 +291,10 @@ def mc_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
 
 def math_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Word-free arithmetic in GSM8K's answer format (`#### N`) for `minimind eval --task gsm8k`."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = sum_pair(rng, (0, 60), (0, 39), held_out)
-        out.append(
-            {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
-        )
-    return out
+    return [
+        {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
+        for _, a, b in sums(n, seed, held_out)
+    ]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -66,6 +66,10 @@ class RLOptions:
     eval_tokens: int = opt(0, "reply length of the held-out check (0: --max-new-tokens)")
     eval_samples: int = opt(4, "replies sampled per held-out prompt (as in training) besides the greedy one")
 
+    def uses_reference(self) -> bool:
+        """Whether the stage needs the frozen reference model (the GRPO family: for the KL in the loss)."""
+        return self.beta > 0
+
     def validate(self) -> None:
         if not self.reward:
             raise ConfigError("--reward SPEC is required (e.g. rule:math, rule:math+0.2*rule:format, rm:RUN_DIR)")

@@ -63,6 +63,9 @@ class PPOOptions(RLOptions):
     minibatches: int = opt(1, "optimizer steps per pass over a rollout (divides --accumulation)")
     target_kl: float = opt(0.0, "skip the rest of a rollout once a step's approx-KL exceeds 1.5x this (0: off)")
 
+    def uses_reference(self) -> bool:
+        return self.kl > 0  # the per-token KL penalty in the reward
+
 
 class ActorCritic(nn.Module):
     """The two trained models as one module: one optimizer, one DDP wrapper, one forward."""

@@ -83,10 +83,9 @@ def prepare_rl(
     ref_dir = opts.ref or (run.info.get("reference") if cfg.resume else None)
     info = stage_info(stage, cfg, run, args, rl=vars(opts))
     info["reference"] = ref_dir or info["parent"]
-    uses_reference = opts.beta > 0 or getattr(opts, "kl", 0) > 0
-    reference = reference_model(run.model, tok, ref_dir) if uses_reference else None
+    reference = reference_model(run.model, tok, ref_dir) if opts.uses_reference() else None
     source = lambda rt: RolloutSource(rt, prompts, ids, reward, opts, advantages(opts), reference, hooks)
-    trainer = Trainer(cfg, model.train(), tok, prompts, info, loss, checkpoint, source=source)  # type: ignore[arg-type]
+    trainer = Trainer(cfg, model.train(), tok, None, info, loss, checkpoint, source=source)
     check = None
     if held is not None:
         reward.check(held)
