@@ -77,8 +77,8 @@ class FastDecoder:
         self.plan: str | None = None
         self.weights: list[torch.Tensor | None] | None = None
         p = next(model.parameters())
-        if native.load() is None or p.device.type != "cpu" or p.dtype != torch.float32:
-            return
+        if p.device.type != "cpu" or p.dtype != torch.float32 or native.load() is None:
+            return  # checked in this order: a GPU run never builds (or warns about) the CPU kernels
         if (model.training and model.cfg.dropout > 0) or has_hooks(model):
             return
         self.weights = step_weights(model)
