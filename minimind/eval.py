@@ -250,7 +250,7 @@ def eval_gsm8k(
 def eval_format(
     run: Run, path: Path, limit: int | None, batch_size: int, max_new_tokens: int, chat: bool
 ) -> tuple[dict, list[dict]]:
-    from minimind.data.chat import check_messages
+    from minimind.data.messages import check_messages
 
     prompts: list[Prompt] = []
     wheres: list[str] = []

@@ -14,6 +14,7 @@ The chat template is one Jinja string, saved in `tokenizer_config.json` so trans
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from minimind.errors import ConfigError, DataError
 from minimind.fileio import atomic_write_text
+from minimind.toolcalls import TOOLS_FOOTER, TOOLS_HEADER
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TAGS = [
@@ -47,19 +49,60 @@ SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# ChatML. enable_thinking: true opens a <think> block for the reply, false inserts an empty one
-# (the model answers directly), undefined leaves the choice to the model.
+# ChatML with tools and thinking, rendering the rich form exactly as minimind/toolcalls.py `flatten`
+# does: tools as a `# Tools` section of the system message, an assistant turn as its optional
+# `<think>` block + text + `<tool_call>` lines, consecutive tool results as one user turn of
+# `<tool_response>` blocks. enable_thinking (or upstream's open_thinking): true opens a <think> block
+# for the reply, false inserts an empty one (the model answers directly), undefined leaves it to the model.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- set ns = namespace(system='', first=0, think=none) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set ns.system = messages[0]['content'] or '' -%}{%- set ns.first = 1 -%}"
+    "{%- endif -%}"
+    "{%- if tools -%}"
+    "{%- set ns.system = (ns.system + '\\n\\n' if ns.system else '') + " + repr(TOOLS_HEADER) + " + '<tools>' -%}"
+    "{%- for tool in tools -%}{%- set ns.system = ns.system + '\\n' + (tool | tojson) -%}{%- endfor -%}"
+    "{%- set ns.system = ns.system + '\\n</tools>\\n\\n' + " + repr(TOOLS_FOOTER) + " -%}"
+    "{%- endif -%}"
+    "{%- if ns.first or tools -%}{{ '<|im_start|>system\\n' + ns.system + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for message in messages[ns.first:] -%}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if message['reasoning_content'] is string -%}"
+    "{{ '<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else -%}{{ content }}{%- endif -%}"
+    "{%- for call in (message['tool_calls'] or []) -%}"
+    "{%- if content or not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{%- set call = call['function'] if call['function'] is defined else call -%}"
+    "{{ '<tool_call>\\n{\"name\": ' + (call['name'] | tojson) + ', \"arguments\": ' }}"
+    "{%- if call['arguments'] is string -%}{{ call['arguments'] }}"
+    "{%- else -%}{{ call['arguments'] | tojson }}{%- endif -%}"
+    "{{ '}\\n</tool_call>' }}"
     "{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{ '<|im_start|>user\\n' }}"
+    "{%- else -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_response>\\n' + content + '\\n</tool_response>' }}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if enable_thinking is not defined and open_thinking is defined -%}{%- set ns.think = open_thinking -%}"
+    "{%- elif enable_thinking is defined -%}{%- set ns.think = enable_thinking -%}{%- endif -%}"
     "{%- if add_generation_prompt -%}"
     "{{ '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is true -%}{{ '<think>\\n' }}"
-    "{%- elif enable_thinking is defined and enable_thinking is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- if ns.think is true -%}{{ '<think>\\n' }}"
+    "{%- elif ns.think is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}"
     "{%- endif -%}"
     "{%- endif -%}"
 )
+
+# sha256 of our earlier chat templates (ChatML without tools): a run directory saved with one loads
+# with the current template, which renders plain conversations to the same text.
+EARLIER_TEMPLATES = {"3bbb1e3f1c13450d22fbcdca067a4d5efc97b5e9235ed44abea82bbedb91087d"}
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -118,10 +161,15 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, enable_thinking: bool | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The conversation as ChatML text (the template's output, before tokenization)."""
-        kwargs: dict[str, Any] = {}
+        """The conversation as ChatML text (the template's output, before tokenization). Messages may
+        be plain ChatML or the rich form of minimind/toolcalls.py (tool calls, results, reasoning)."""
+        kwargs: dict[str, Any] = {"tools": tools} if tools else {}
         if enable_thinking is not None:
             kwargs["enable_thinking"] = kwargs["open_thinking"] = enable_thinking  # ours / upstream's name
         return self._template.render(
@@ -129,9 +177,13 @@ class Tokenizer:
         )
 
     def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, enable_thinking: bool | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        enable_thinking: bool | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt, enable_thinking))
+        return self.encode(self.render_chat(messages, add_generation_prompt, enable_thinking, tools))
 
     # ---- files -------------------------------------------------------------------------------
 
@@ -185,6 +237,8 @@ class Tokenizer:
             config = json.loads(config_file.read_text(encoding="utf-8"))
             if isinstance(config.get("chat_template"), str):
                 template = config["chat_template"]
+        if hashlib.sha256(template.encode()).hexdigest() in EARLIER_TEMPLATES:
+            template = CHAT_TEMPLATE
         return cls(backend, template, source=str(path))
 
     @classmethod

@@ -28,7 +28,8 @@ from minimind.generate import SamplingParams, generate
 from minimind.serve import add_arguments, background, build
 from minimind.serve.protocol import ChatRequest
 from minimind.serve.textstream import ChoiceText, StopStrings
-from minimind.serve.tools import parse_tool_calls, to_chatml
+from minimind.serve.tools import openai_tool_calls as parse_tool_calls
+from minimind.serve.tools import to_chatml
 
 KEY = "sk-test-1234"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -10,6 +10,9 @@ A conversation renders as ChatML, exactly what the tokenizer's chat template pro
 *trained* when it lies inside an assistant reply or is that reply's closing `<|im_end|>`: the
 model learns to write replies and to end them, never to write the user's text, the system prompt
 or the `<|im_start|>assistant\\n` header. Every assistant turn of a multi-turn conversation is trained.
+Tools, tool calls, tool results and reasoning are rendered first (minimind/data/messages.py checks
+them, minimind/toolcalls.py writes them): a reply's `<think>` block and `<tool_call>` lines are part
+of the reply and trained; tool results come back as a user turn and are not.
 
 Truncation: a conversation longer than the row (max_seq_len + 1 tokens) loses whole later turns,
 cut after the last assistant reply that still fits, so no reply is left without its end; one whose
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,58 +31,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from minimind.chatformat import THINK_OPEN
 from minimind.data.batch import IGNORE, Batch
 from minimind.data.cache import Columns, Meter, Skipped, cached, pipelined, progress
+from minimind.data.messages import check_messages, parse_conversation
 from minimind.data.readers import iter_checked
 from minimind.data.tokens import batched, offsets_of, token_dtype
 from minimind.errors import DataError
-from minimind.tokenizer import BOS, EOS, PAD, Tokenizer
+from minimind.tokenizer import BOS, EOS, Tokenizer
 
-ROLES = ("system", "user", "assistant")
-CHAT_CACHE_VERSION = 4
+ROLES = ("system", "user", "assistant")  # of the ChatML messages assembled (tool results are user turns)
+CHAT_CACHE_VERSION = 5
 BATCH = 1024
-
-
-def check_messages(
-    messages: Any, where: str, key: str = "conversations", final: str | None = "assistant"
-) -> list[dict]:
-    """The validated messages as [{"role", "content"}] (extra keys dropped), or DataError naming `where`.
-
-    Rules: a list of objects with a known role and non-empty string content; an optional system
-    message first, then user and assistant alternating, starting with user and ending with `final`.
-    """
-    if not isinstance(messages, list):
-        raise DataError(f"{where}: '{key}' is a {type(messages).__name__}, not a list of messages")
-    if not messages:
-        raise DataError(f"{where}: '{key}' is empty")
-    out = []
-    for i, m in enumerate(messages, start=1):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: message {i} is a {type(m).__name__}, not an object with role and content")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise DataError(f"{where}: message {i} has role {role!r} (expected system, user, assistant)")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {i} ({role}) has no string 'content'")
-        if not content.strip():
-            raise DataError(f"{where}: message {i} ({role}) has empty content")
-        control = next((t for t in (BOS, EOS, PAD) if t in content), None)
-        if control:
-            raise DataError(f"{where}: message {i} ({role}) contains the control token {control} in its text")
-        out.append({"role": role, "content": content})
-    start = 1 if out[0]["role"] == "system" else 0
-    for i, m in enumerate(out[start:], start=start):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            why = "only the first message may be system" if m["role"] == "system" else "turns must alternate"
-            raise DataError(f"{where}: message {i + 1} is {m['role']}, expected {expected} ({why})")
-    if len(out) == start:
-        raise DataError(f"{where}: '{key}' has only a system message")
-    if final and out[-1]["role"] != final:
-        raise DataError(
-            f"{where}: the conversation ends on a {out[-1]['role']} turn; it must end with an {final} reply"
-        )
-    return out
 
 
 def render(messages: list[dict]) -> str:
@@ -186,17 +149,41 @@ def encode_conversations(
 
 
 def conversation_of(obj: dict[str, Any], where: str) -> list[dict]:
-    """The checked messages of one SFT record."""
+    """The checked messages of one SFT record, as plain ChatML (tools, calls and results rendered)."""
     if "conversations" not in obj:
         raise DataError(f"{where}: missing 'conversations' (expected {{\"conversations\": [...]}})")
     return check_messages(obj["conversations"], where)
 
 
+PHI = 0.6180339887498949  # the golden ratio's fraction: k * PHI mod 1 spreads evenly over [0, 1)
+
+
+def with_empty_think(ratio: float) -> Callable[[dict[str, Any], str], list[dict]]:
+    """`conversation_of` that gives a share `ratio` of the conversations an empty `<think>` block in
+    front of each assistant reply that has no reasoning (and none in its text): the block that
+    `enable_thinking=False` writes in the prompt, so one model learns to answer with and without it
+    (upstream's SFT keeps the block on 20% of conversations). Conversation k is chosen when
+    frac(k * PHI) < ratio: deterministic, so the token cache stays valid, and evenly spread."""
+    count = itertools.count(1)
+
+    def check(obj: dict[str, Any], where: str) -> list[dict]:
+        if "conversations" not in obj:
+            raise DataError(f"{where}: missing 'conversations' (expected {{\"conversations\": [...]}})")
+        conv = parse_conversation(obj["conversations"], where)
+        if (next(count) * PHI) % 1.0 < ratio:
+            for m in conv.messages:
+                if m["role"] == "assistant" and "reasoning_content" not in m and THINK_OPEN not in m["content"]:
+                    m["reasoning_content"] = ""
+        return conv.chatml()
+
+    return check if ratio > 0 else conversation_of
+
+
 def iter_conversations(
-    paths: list[str | Path], skipped: list[str] | None = None, meter: Meter | None = None
+    paths: list[str | Path], skipped: list[str] | None = None, meter: Meter | None = None, empty_think: float = 0.0
 ) -> Iterator[list[dict]]:
     """Validated conversations of SFT-format JSONL files; bad lines raise, or are counted in `skipped`."""
-    return iter_checked(paths, conversation_of, "conversations", skipped, meter)
+    return iter_checked(paths, with_empty_think(empty_think), "conversations", skipped, meter)
 
 
 @dataclass
@@ -240,6 +227,7 @@ def tokenize_conversations(
     max_seq_len: int,
     cache_dir: str | Path | None = None,
     skip_bad_lines: bool = False,
+    empty_think: float = 0.0,
 ) -> ChatTokens:
     """Tokenize SFT files once (cached like pretraining tokens, keyed also by max_seq_len), streaming:
     memory stays flat in the file's size (see minimind.data.cache)."""
@@ -248,7 +236,7 @@ def tokenize_conversations(
     def build(columns: Columns, meter: Meter, bar: Any) -> dict[str, Any]:
         skipped = Skipped()
         counts = {"records": 0, "truncated": 0, "dropped": 0, "trained": 0}
-        batches = batched(iter_conversations(paths, skipped if skip_bad_lines else None, meter), BATCH)
+        batches = batched(iter_conversations(paths, skipped if skip_bad_lines else None, meter, empty_think), BATCH)
         for batch, bodies in pipelined(batches, lambda b: tokenizer.encode_batch(message_texts(b))):
             out = assemble(tokenizer, batch, bodies, max_seq_len + 1, dtype)
             counts["dropped"] += int((~out.kept).sum())
@@ -265,6 +253,8 @@ def tokenize_conversations(
         return {"arrays": {".idx.npy": offsets_of(columns.record("lengths"))}, "skipped": skipped, **counts}
 
     params = {"version": CHAT_CACHE_VERSION, "max_seq_len": max_seq_len, "skip_bad_lines": skip_bad_lines}
+    if empty_think:
+        params["empty_think"] = empty_think
     entry = cached("chat", params, paths, tokenizer, {".bin": dtype, ".mask": bool}, build, cache_dir)
     meta = entry.meta
     return ChatTokens(

@@ -78,8 +78,8 @@ DATASETS = {
         Dataset("sft_t2t", "chat", "sft, distill", "14 GB", "MiniMind-3 SFT, full (has tool calls)"),
         Dataset("rlaif", "prompts", "grpo, ppo, spo", "24 MB", "RL prompts, last reply left empty"),
         Dataset("dpo", "pairs", "dpo, reward", "53 MB", "preference pairs (chosen / rejected)"),
-        Dataset("agent_rl", "jsonl", "", "86 MB", "agentic RL with tools"),
-        Dataset("agent_rl_math", "jsonl", "", "18 MB", "agentic RL, maths"),
+        Dataset("agent_rl", "prompts", "agent", "86 MB", "agentic RL with tools (prompts + expected values)"),
+        Dataset("agent_rl_math", "prompts", "agent", "18 MB", "agentic RL, maths"),
         Dataset("lora_exam", "chat", "lora", "?", "multiple-choice exam format (C-Eval / MMLU style)"),
         Dataset("pretrain_hq", "text", "pretrain, distill", "1.6 GB", "MiniMind2 pretraining text (Chinese)"),
         Dataset("sft_mini_512", "chat", "sft, distill", "1.2 GB", "MiniMind2 SFT, quick start, <512 chars"),
@@ -401,7 +401,7 @@ def fetch_modelscope(ds: Dataset, out: Path, force: bool) -> tuple[Path, str]:
 def record_check(kind: str) -> Callable[[dict, str], object]:
     """The per-record validation of the stage that reads `kind` (DataError naming `where` if refused)."""
     if kind == "chat":
-        from minimind.data.chat import check_messages
+        from minimind.data.messages import check_messages
 
         def conversation(obj: dict, where: str) -> object:
             if "conversations" not in obj:  # as iter_conversations words it

@@ -29,7 +29,8 @@ import torch
 
 from minimind.data.batch import IGNORE, Batch
 from minimind.data.cache import Columns, Meter, Skipped, cached, pipelined
-from minimind.data.chat import assemble, check_messages, message_texts
+from minimind.data.chat import assemble, message_texts
+from minimind.data.messages import check_messages
 from minimind.data.readers import iter_checked
 from minimind.data.tokens import batched, offsets_of, token_dtype
 from minimind.errors import DataError

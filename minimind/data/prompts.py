@@ -11,7 +11,15 @@ other copies "空", some nothing at all); a conversation that already ends with 
 prompt as it is. An optional system message may come first, and earlier assistant turns of a
 multi-turn prompt are kept: the policy writes the next reply. `answer` (a string or a number, kept
 as a string) is what rule rewards such as `rule:math` check the reply against. Every other check is
-SFT's (`check_messages`): known roles, alternating turns, no control tokens in the text.
+SFT's (minimind/data/messages.py): known roles, alternating turns, no control tokens in the text;
+tools on the system message and tool calls/results in earlier turns are read as SFT reads them.
+
+Agentic RL (`minimind agent`, upstream's agent_rl.jsonl) adds the tools on the system message and
+`gt`, a list of values the final answer must contain (numbers compare as numbers):
+
+    {"conversations": [{"role": "system", "content": "", "tools": "[...]"},
+                       {"role": "user", "content": "What is 17 * 23?"}, {"role": "assistant", "content": ""}],
+     "gt": ["391"]}
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minimind.data.chat import check_messages
+from minimind.data.messages import parse_conversation
 from minimind.data.readers import iter_jsonl
 from minimind.errors import ConfigError, DataError
 from minimind.tokenizer import BOS, Tokenizer
@@ -33,6 +41,12 @@ class Prompt:
     messages: list[dict]  # [{"role", "content"}], validated, ending with the user turn
     answer: str | None  # reference answer for rule rewards, or None
     where: str  # FILE:LINE, for errors about this prompt
+    tools: list[dict] | None = None  # the tools offered (their section is already in `messages`)
+    gt: list[str] | None = None  # values the final answer must contain (agentic RL)
+
+    @property
+    def tool_names(self) -> set[str]:
+        return {t["function"]["name"] for t in self.tools or ()}
 
 
 class Prompts(list[Prompt]):
@@ -58,7 +72,7 @@ def check_prompt(obj: dict[str, Any], where: str) -> Prompt:
             messages = messages[:-1]  # the placeholder for the reply to generate
             if not messages:
                 raise DataError(f"{where}: 'conversations' holds only the assistant placeholder, no prompt")
-    messages = check_messages(messages, where, final="user")
+    conversation = parse_conversation(messages, where, final="user")
     answer = obj.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
         raise DataError(f"{where}: 'answer' must be a string or a number, got {answer!r}")
@@ -66,7 +80,13 @@ def check_prompt(obj: dict[str, Any], where: str) -> Prompt:
         answer = str(answer).strip()
         if not answer:
             raise DataError(f"{where}: 'answer' is empty (leave the key out for prompts without one)")
-    return Prompt(messages, answer, where)
+    gt = obj.get("gt")
+    if gt is not None:
+        gt = [gt] if isinstance(gt, (str, int, float)) and not isinstance(gt, bool) else gt
+        if not isinstance(gt, list) or any(isinstance(g, bool) or not isinstance(g, (str, int, float)) for g in gt):
+            raise DataError(f"{where}: 'gt' must be a list of strings or numbers, got {obj['gt']!r}")
+        gt = [str(g).strip() for g in gt if str(g).strip()]
+    return Prompt(conversation.chatml(), answer, where, conversation.tools, gt)
 
 
 def read_prompts(paths: list[str | Path], skip_bad_lines: bool = False) -> Prompts:

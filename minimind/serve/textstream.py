@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from minimind.chatformat import ThinkFilter, tag_prefix
-from minimind.serve.tools import TOOL_CALL_OPEN, parse_tool_calls
+from minimind.serve.tools import TOOL_CALL_OPEN, openai_tool_calls
 from minimind.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -100,7 +100,7 @@ class ChoiceText:
             text += self.stops.flush()
         pieces = self._route(text, final=True)
         if self.held is not None:
-            content, self.tool_calls = parse_tool_calls(self.held)
+            content, self.tool_calls = openai_tool_calls(self.held)
             pieces += self._emit("content", content)
         return pieces  # whitespace still held by Trim is the parts' trailing whitespace: dropped
 
