@@ -179,6 +179,8 @@ def stage_info(stage: str, cfg: TrainConfig, run: Run, args: Any, **extra: Any) 
     """What run.json records of a stage: its parent (kept across --resume), preset, data, tokenizer and
     seed, plus the stage's own options in `extra`."""
     parent = run.info.get("parent") if cfg.resume else (str(args.parent) if getattr(args, "parent", None) else None)
+    if hasattr(args, "conversation_defaults"):  # a stage that reads conversations records how
+        extra = {"conversations": vars(conversation_options(args, run, cfg.resume)), **extra}
     return {
         "stage": stage,
         "parent": parent,
@@ -247,23 +249,44 @@ def fit_and_report(
 @dataclass
 class ConversationOptions:
     packing: bool = opt(True, "several conversations per row; false pads one per row, as upstream does")
+    empty_think_ratio: float = opt(
+        0.0, "share of conversations whose replies without reasoning get an empty <think> block (upstream: 0.2)"
+    )
     show_mask: int = opt(
         0, "print the first N conversations with the trained tokens marked [[like this]], then exit", metavar="N"
     )
 
 
-def add_conversation_arguments(p: Any) -> None:
-    add_options(p, ConversationOptions, "conversations")
+    def validate(self) -> None:
+        if not 0 <= self.empty_think_ratio <= 1:
+            raise ConfigError("--empty-think-ratio must be between 0 and 1")
+
+
+def add_conversation_arguments(p: Any, defaults: dict[str, Any] | None = None) -> None:
+    """The conversation flags, with the stage's own `defaults` (SFT: an empty-think share of 0.2)."""
+    add_options(p, ConversationOptions, "conversations", shown=defaults)
+    p.set_defaults(conversation_defaults=defaults or {})
+
+
+def conversation_options(args: Any, run: Run, resume: bool) -> ConversationOptions:
+    """Field defaults < the stage's < (on --resume) those the run was started with < YAML < flags."""
+    saved = run.info.get("conversations") if resume else None
+    opts = merge_options(args, ConversationOptions, args.conversation_defaults, saved)
+    opts.validate()
+    return opts
 
 
 def conversation_rows(args: Any, cfg: TrainConfig, run: Run) -> tuple[ChatRows, ChatRows | None]:
     """Training rows (and held-out rows) of conversations; prints what was read and packed."""
     tok = run.tokenizer
-    data = tokenize_conversations(args.data, tok, cfg.max_seq_len, cfg.cache_dir or None, cfg.skip_bad_lines)
+    opts = conversation_options(args, run, cfg.resume)
+    data = tokenize_conversations(
+        args.data, tok, cfg.max_seq_len, cfg.cache_dir or None, cfg.skip_bad_lines, opts.empty_think_ratio
+    )
     print(f"data: {data.report()} ({'reused cache' if data.reused else 'tokenized'})")
     for message in data.skipped[:5]:
         print(f"  skipped {message}", file=sys.stderr)
-    packing = merge_options(args, ConversationOptions).packing
+    packing = opts.packing
     rows = ChatRows(data, cfg.max_seq_len, packing, tok.pad_id)
     print(
         f"rows: {len(rows):,} of {cfg.max_seq_len} tokens, {rows.fill:.1%} filled "
@@ -285,7 +308,8 @@ def show_masks(args: Any, defaults: dict[str, Any]) -> None:
 
 
 def print_masks(args: Any, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
-    data = tokenize_conversations(args.data, tokenizer, cfg.max_seq_len, cfg.cache_dir or None)
+    ratio = merge_options(args, ConversationOptions, args.conversation_defaults).empty_think_ratio
+    data = tokenize_conversations(args.data, tokenizer, cfg.max_seq_len, cfg.cache_dir or None, empty_think=ratio)
     for i in range(min(args.show_mask, len(data))):
         ids, trained = data.conversation(i)
         print(f"--- conversation {i + 1}: {len(ids)} tokens, {int(trained.sum())} trained [[marked]]")

@@ -1,10 +1,14 @@
 """Supervised fine-tuning: teach a pretrained model to answer in turns.
 
-data:  {"conversations": [{"role", "content"}, ...]} per line, rendered as ChatML
+data:  {"conversations": [{"role", "content"}, ...]} per line, rendered as ChatML, with tools, tool
+       calls and results, reasoning (minimind/data/messages.py); a share (--empty-think-ratio, 0.2) of
+       replies without reasoning get an empty <think> block, so the model answers both with thinking
+       switched on and off
        -> rows packing whole conversations, attention kept inside each (no compute on padding)
 model: the parent run (--from)
 loss:  -sum_{t in assistant replies} log p(x_t | x_<t) / (assistant tokens)
-       every assistant reply and its closing <|im_end|> is learned; system, user and headers are not.
+       every assistant reply (its thinking, text and tool calls) and its closing <|im_end|> is learned;
+       system, user, tool results and headers are not.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from minimind.stages.common import (
 
 def add_arguments(p: Any) -> None:
     add_stage_arguments(p, '.jsonl files of {"conversations": [{"role": ..., "content": ...}, ...]}', defaults=SFT)
-    add_conversation_arguments(p)
+    add_conversation_arguments(p, {"empty_think_ratio": 0.2})
 
 
 def main(args: Any) -> None:
