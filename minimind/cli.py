@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("minimind.stages.grpo", "GRPO (or Dr.GRPO / CISPO): RL from rewards with groups of samples per prompt"),
     "ppo": ("minimind.stages.ppo", "PPO: actor + critic, GAE, clipped policy and value losses, KL penalty"),
     "spo": ("minimind.stages.spo", "SPO: one sample per prompt against a tracked per-prompt baseline"),
+    "agent": ("minimind.stages.agent", "agentic RL: multi-turn episodes calling sandboxed tools, GRPO/CISPO losses"),
     "chat": ("minimind.chat", "chat with a run (interactive, or one answer with --prompt)"),
     "eval": ("minimind.eval", "evaluate a run: ppl, mc (multiple choice), gsm8k, format"),
     "export": ("minimind.export", "export a run: transformers folder (--format hf) or llama.cpp GGUF (--format gguf)"),

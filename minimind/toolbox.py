@@ -64,20 +64,27 @@ class Tool:
         return {"type": "function", "function": fn}
 
     def check(self, arguments: dict[str, Any]) -> str:
-        """Why these arguments do not fit the schema ("" when they do)."""
-        props = self.parameters.get("properties", {})
-        missing = [k for k in self.parameters.get("required", []) if k not in arguments]
-        if missing:
-            return f"missing argument {missing[0]!r}"
-        for k, v in arguments.items():
-            if k not in props:
-                return f"unknown argument {k!r}"
-            want = JSON_TYPES.get(props[k].get("type", ""))
-            if want and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
-                return f"argument {k!r} must be a {props[k]['type']}"
-            if "enum" in props[k] and v not in props[k]["enum"]:
-                return f"argument {k!r} must be one of {props[k]['enum']}"
-        return ""
+        return check_arguments(self.parameters, arguments)
+
+
+def check_arguments(schema: dict[str, Any], arguments: dict[str, Any]) -> str:
+    """Why a call's arguments do not fit a tool's JSON schema ("" when they do): required keys, no
+    unknown keys (when the schema lists its properties), JSON types, enums."""
+    props = schema.get("properties")
+    missing = [k for k in schema.get("required", []) if k not in arguments]
+    if missing:
+        return f"missing argument {missing[0]!r}"
+    for k, v in arguments.items():
+        if props is None:
+            continue
+        if k not in props:
+            return f"unknown argument {k!r}"
+        want = JSON_TYPES.get(props[k].get("type", ""))
+        if want and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
+            return f"argument {k!r} must be a {props[k]['type']}"
+        if "enum" in props[k] and v not in props[k]["enum"]:
+            return f"argument {k!r} must be one of {props[k]['enum']}"
+    return ""
 
 
 def tool(name: str, description: str, params: dict[str, str], required: Iterable[str] | None = None) -> Callable:
@@ -189,7 +196,10 @@ def _eval(node: ast.AST) -> float | int:
         and not node.keywords
         and 1 <= len(node.args) <= 2
     ):
-        return _bounded(FUNCTIONS[node.func.id](*(_eval(a) for a in node.args)))
+        args = [_eval(a) for a in node.args]
+        if node.func.id == "round" and len(args) == 2 and abs(args[1]) > MAX_EXPONENT:
+            raise ToolError("round to at most 64 digits")  # round(1, -10**60) would compute 10**(10**60)
+        return _bounded(FUNCTIONS[node.func.id](*args))
     what = getattr(node, "id", None) or getattr(getattr(node, "func", None), "id", None) or type(node).__name__
     raise ToolError(f"{what!r} is not allowed in an expression")
 

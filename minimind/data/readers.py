@@ -74,7 +74,12 @@ def record_text(obj: dict[str, Any]) -> str | None:
     for key in ("conversations", "chosen", "rejected"):
         turns = obj.get(key)
         if isinstance(turns, list):
-            parts += [t["content"] for t in turns if isinstance(t, dict) and isinstance(t.get("content"), str)]
+            for t in turns:
+                if isinstance(t, dict):  # the text, and the reasoning, tools and calls written beside it
+                    for k in ("reasoning_content", "content", "tools", "tool_calls"):
+                        v = t.get(k)
+                        if v and isinstance(v, (str, list, dict)):
+                            parts.append(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
         elif isinstance(turns, str):
             parts.append(turns)
     if isinstance(obj.get("prompt"), str):

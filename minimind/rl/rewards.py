@@ -9,6 +9,11 @@ A spec is a sum of terms `[W*]KIND:ARG[@KEY=VALUE,...]` joined by `+` or `-` (W 
     rule:length        -0.5 for a reply outside [min, max] characters, -0.5 for reasoning outside
                        [think_min, think_max] (upstream's windows 20..800 and 20..300): -1..0
     rule:repetition    -min(1, 2 * share of repeated n-grams) (n=3): -1..0
+    tool:answer        share of the prompt's `gt` values that the episode's final answer gives, 0..1
+    tool:calls         share of the episode's tool calls that are valid (well-formed, closed, a tool the
+                       prompt offers, arguments fitting its schema); 0 without calls
+    tool:format        -0.5 for each turn whose <tool_call> or <think> tags do not close: -1..0
+    tool:finished      -1 for an episode left without a final answer (out of turns or tokens), else 0
     rm:RUN_DIR         our reward model (`minimind reward`), optional @clip=C
     hf:PATH            a local Hugging Face sequence-classification reward model, clipped to ±10 (@clip=C)
 
@@ -20,6 +25,9 @@ our tokenizer, so they stay, and upstream's tokenizer spells them out in plain t
 what the generation prompt already opened in front (`reply_prefix`, e.g. `<think>\\n` with --think).
 Rules read the tags; reward models judge what a user is shown, the reply with its reasoning removed
 (`minimind.chatformat.split_think`), as upstream scores only the text after `</think>`.
+
+`tool:` terms read a whole multi-turn episode of `minimind agent` (minimind/rl/episodes.py); on a
+plain reply they see one turn. `rule:` and model terms see an episode's final reply.
 
 Scores are per completion. `prompts` holds one prompt per completion, or one per group of k
 consecutive completions (GRPO's G samples of each prompt). Reward models load on first use, once
@@ -41,6 +49,7 @@ from minimind.chatformat import follows_format, split_think
 from minimind.data.evalsets import ANSWER_TAG, extract_number, same_number
 from minimind.data.prompts import Prompt
 from minimind.errors import ConfigError, DataError
+from minimind.rl.episodes import answer_share, as_episode, valid_call
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -257,6 +266,33 @@ RULES: dict[str, tuple[dict[str, float], Callable[[dict], Component]]] = {
 MODEL_OPTIONS = {"rm": {"clip": None}, "hf": {"clip": 10.0}}
 
 
+def unclosed_turns(reply: str) -> float:
+    """-0.5 for each turn whose `<tool_call>` or `<think>` tags are unbalanced, at least -1.
+
+    >>> unclosed_turns("<tool_call>{}</tool_call>"), unclosed_turns("<think>hm <tool_call>{")
+    (0.0, -0.5)
+    """
+    bad = sum(any(turn.count(a) != turn.count(b) for a, b in TAG_PAIRS) for turn in as_episode(reply).turns)
+    return max(-1.0, -0.5 * bad) + 0.0  # + 0.0: no -0.0
+
+
+TAG_PAIRS = (("<tool_call>", "</tool_call>"), ("<think>", "</think>"))
+
+
+def per_episode(fn: Callable[[Prompt, str], float]) -> Component:
+    return lambda prompts, replies: [fn(p, r) for p, r in zip(prompts, replies)]
+
+
+TOOL_RULES: dict[str, Component] = {
+    "answer": per_episode(lambda p, r: answer_share(as_episode(r), p.gt or [])),
+    "calls": per_episode(
+        lambda p, r: sum(valid_call(c, p) for c in as_episode(r).calls) / max(len(as_episode(r).calls), 1)
+    ),
+    "format": per_reply(unclosed_turns),
+    "finished": per_reply(lambda r: -1.0 if as_episode(r).unfinished else 0.0),
+}
+
+
 @dataclass
 class Rewards:
     """Rewards of a batch of replies: the weighted sum, and each term's own (unweighted) values."""
@@ -289,6 +325,10 @@ class RewardFn:
         """Raise now, not at step 500, when the prompts lack what a term needs (rule:math: answers)."""
         if any(t.name.split("@")[0] in ("rule:math", "rule:close") for t in self.terms):
             check_math_prompts(prompts)
+        if any(t.name == "tool:answer" for t in self.terms):
+            for p in prompts:
+                if not p.gt:
+                    raise ConfigError(f"{p.where}: tool:answer needs the expected values, this prompt has no 'gt'")
 
     def __call__(self, prompts: Sequence[Prompt], replies: Sequence[str]) -> Rewards:
         if not prompts or len(replies) % len(prompts):
@@ -342,8 +382,12 @@ def parse_term(body: str, device: str) -> Component:
         raise ConfigError(f"--reward: weight without '*' in {body!r} (write W*KIND:ARG, e.g. 0.5*rule:format)")
     if re.search(r"\s[A-Za-z]\w*:", body):
         raise ConfigError(f"--reward: {body!r} holds two terms: join them with + or -")
-    if not colon or kind not in ("rule", "rm", "hf"):
-        raise ConfigError(f"--reward: unknown reward {body!r} (expected rule:NAME, rm:RUN_DIR or hf:PATH)")
+    if not colon or kind not in ("rule", "tool", "rm", "hf"):
+        raise ConfigError(f"--reward: unknown reward {body!r} (expected rule:NAME, tool:NAME, rm:RUN_DIR or hf:PATH)")
+    if kind == "tool":
+        if arg not in TOOL_RULES:
+            raise ConfigError(f"--reward: unknown tool reward {arg!r} (tool rewards: {', '.join(TOOL_RULES)})")
+        return TOOL_RULES[arg]
     if kind == "rule":
         rule = arg.split("@")[0]
         if rule not in RULES:

@@ -38,6 +38,7 @@ from minimind.errors import ConfigError
 from minimind.generate import SamplingParams, generate, row_key
 from minimind.losses import entropy_from_logits, policy_loss, token_logps
 from minimind.options import opt
+from minimind.rl.episodes import Episode
 from minimind.rl.rewards import RewardFn, Rewards
 from minimind.sources import BatchSource, Runtime
 from minimind.tokenizer import Tokenizer
@@ -105,11 +106,16 @@ class RolloutBatch(Batch):
 
 
 def completion_rows(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int, max_positions: int | None = None
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    max_positions: int | None = None,
+    trained: list[list[bool]] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(input_ids, labels) of prompt + completion rows, right-padded to a multiple of 8 (friendlier
     shapes for the kernels), but never past `max_positions`, the model's RoPE table: a padded column
-    there would index beyond it (a device-side assert on CUDA) even though it carries no loss."""
+    there would index beyond it (a device-side assert on CUDA) even though it carries no loss.
+    `trained` (per completion token) leaves the others unlabelled: an agent's tool results."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     longest = max(len(s) - 1 for s in seqs)
     T = -(-longest // 8) * 8
@@ -121,7 +127,10 @@ def completion_rows(
     labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
     for j, (p, s) in enumerate(zip(prompts, seqs)):
         inputs[j, : len(s) - 1] = torch.tensor(s[:-1])
-        labels[j, len(p) - 1 : len(s) - 1] = torch.tensor(s[len(p) :])
+        target = torch.tensor(s[len(p) :], dtype=torch.long)
+        if trained is not None and len(target):
+            target = torch.where(torch.tensor(trained[j], dtype=torch.bool), target, IGNORE)
+        labels[j, len(p) - 1 : len(s) - 1] = target
     return inputs, labels
 
 
@@ -304,35 +313,50 @@ class RolloutSource(BatchSource):
         n = self.prompts_per_step()
         return self.sampler.take(n * self.rt.world)[self.rt.rank * n : (self.rt.rank + 1) * n]
 
+    def sample(
+        self, model: nn.Module, index: np.ndarray, each: np.ndarray
+    ) -> tuple[list[list[int]], list[str], list | None]:
+        """(completion ids, what the reward judges, which completion ids are trained or None: all) of
+        the completions of `each` prompt by `model`. One reply per completion; the agent runs episodes."""
+        t, o, tok = self.rt, self.opts, self.rt.tokenizer
+        G, B = o.num_generations, self.cfg.batch_size
+        params = SamplingParams(
+            max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids
+        )
+        completions: list[list[int]] = []
+        # Completion j of process r is completion r * len(each) + j of the step's global draw; its tokens
+        # come from its own random stream (a key of seed, step and that index), so 1 process and N
+        # processes with the same global batch sample the same completions.
+        keys = self.sampling_keys(len(each))
+        for start in range(0, len(each), B * G):  # one generate call per micro-batch
+            rows = slice(start, start + B * G)
+            with autocast(t.device, t.dtype):
+                out = generate(model, [self.prompt_ids[i] for i in each[rows]], params, keys=keys[rows])
+            completions += [g.tokens for g in out.generations]
+        return completions, [self.prefix + tok.decode(c, skip_special_tokens=True) for c in completions], None
+
+    def sampling_keys(self, n: int) -> list[int]:
+        return [row_key(self.cfg.seed, self.step, self.rt.rank * n + j) for j in range(n)]
+
     def rollout(self) -> list[RolloutBatch]:
         t, o, tok = self.rt, self.opts, self.rt.tokenizer
         G, B = o.num_generations, self.cfg.batch_size
         self.hooks.before_rollout(self)
         index = self.draw()
         each = np.repeat(index, G)  # prompt index of every completion
-        params = SamplingParams(
-            max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids
-        )
         model = policy_of(t.sampling_model())  # whole on this process, also under FSDP
         max_positions = model.cfg.max_position_embeddings
         model.eval()
         t0 = time.perf_counter()
-        completions: list[list[int]] = []
-        # Completion j of process r is completion r * len(each) + j of the step's global draw; its tokens
-        # come from its own random stream (a key of seed, step and that index), so 1 process and N
-        # processes with the same global batch sample the same completions.
-        keys = [row_key(self.cfg.seed, self.step, t.rank * len(each) + j) for j in range(len(each))]
-        for start in range(0, len(each), B * G):  # one generate call per micro-batch
-            rows = slice(start, start + B * G)
-            with autocast(t.device, t.dtype):
-                out = generate(model, [self.prompt_ids[i] for i in each[rows]], params, keys=keys[rows])
-            completions += [g.tokens for g in out.generations]
+        completions, texts, trained = self.sample(model, index, each)
         gen_s = time.perf_counter() - t0
         model.train()
-        texts = [self.prefix + tok.decode(c, skip_special_tokens=True) for c in completions]
         rewards: Rewards = self.reward([self.prompts[i] for i in index], texts)
         adv, metrics = self.advantages(rewards.total, each)
-        finished = [bool(c) and c[-1] in tok.stop_ids for c in completions]
+        finished = [
+            not x.unfinished if isinstance(x, Episode) else bool(c) and c[-1] in tok.stop_ids
+            for x, c in zip(texts, completions)
+        ]
         self._record(
             {
                 "reward": float(rewards.total.mean()),
@@ -349,7 +373,11 @@ class RolloutSource(BatchSource):
         for start in range(0, len(each), B * G):
             stop = start + B * G
             inputs, labels = completion_rows(
-                [self.prompt_ids[i] for i in each[start:stop]], completions[start:stop], tok.pad_id, max_positions
+                [self.prompt_ids[i] for i in each[start:stop]],
+                completions[start:stop],
+                tok.pad_id,
+                max_positions,
+                trained[start:stop] if trained is not None else None,
             )
             batches.append(
                 RolloutBatch(inputs, labels, None, adv[start:stop].clone(), per_sequence=o.loss in ("grpo", "dr_grpo"))

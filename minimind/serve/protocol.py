@@ -60,9 +60,12 @@ class Message(_Lenient):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's thinking, as this server returns it
 
 
-class FunctionDef(_Lenient):
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")  # rendered as the client wrote it (`strict`, ...)
+
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None

@@ -59,6 +59,8 @@ def to_chatml(messages: list[Message], tools: list[ToolDef] | None = None) -> li
                 if c.id:
                     call_ids.add(c.id)
             rich.append({"role": "assistant", "content": text, "tool_calls": calls})
+            if m.reasoning_content is not None:
+                rich[-1]["reasoning_content"] = m.reasoning_content
         elif m.role == "tool":
             if not m.tool_call_id:
                 raise APIError(400, f"messages[{i}]: a tool message needs 'tool_call_id'", f"messages.{i}.tool_call_id")

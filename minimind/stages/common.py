@@ -256,7 +256,6 @@ class ConversationOptions:
         0, "print the first N conversations with the trained tokens marked [[like this]], then exit", metavar="N"
     )
 
-
     def validate(self) -> None:
         if not 0 <= self.empty_think_ratio <= 1:
             raise ConfigError("--empty-think-ratio must be between 0 and 1")

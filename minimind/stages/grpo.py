@@ -19,27 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
-
-from minimind.errors import ConfigError
-from minimind.losses import group_advantages, zero_signal_groups
 from minimind.rl.rollout import RLOptions
 from minimind.stages.common import fit_and_report
-from minimind.stages.rl_common import add_rl_arguments, prepare_rl
-
-
-def group_relative(opts: RLOptions):
-    """GRPO's advantage: each completion against the other completions of its prompt."""
-    G = opts.num_generations
-    if G < 2:
-        raise ConfigError("--num-generations must be at least 2 for GRPO (advantages are relative to the group)")
-
-    def advantages(rewards: torch.Tensor, each: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        adv = group_advantages(rewards, G, scale=opts.loss != "dr_grpo")
-        return adv, {"no_signal_groups": zero_signal_groups(rewards, G) / (len(rewards) // G)}
-
-    return advantages
+from minimind.stages.rl_common import add_rl_arguments, group_relative, prepare_rl
 
 
 def add_arguments(p: Any) -> None:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
+
 from minimind.config import TrainConfig
 from minimind.data.prompts import encode_prompt, read_prompts
 from minimind.engine import Trainer
 from minimind.errors import ConfigError, DataError
+from minimind.losses import group_advantages, zero_signal_groups
 from minimind.options import add_options
 from minimind.rl.rewards import parse_reward
 from minimind.rl.rollout import (
@@ -53,6 +57,19 @@ def policy_setup(run: Any, opts: RLOptions, cfg: TrainConfig) -> tuple[Any, Any,
     return run.model, PolicyLoss(opts), None
 
 
+def group_relative(opts: RLOptions):
+    """GRPO's advantage: each completion against the other completions of its prompt."""
+    G = opts.num_generations
+    if G < 2:
+        raise ConfigError("--num-generations must be at least 2 for GRPO (advantages are relative to the group)")
+
+    def advantages(rewards: torch.Tensor, each: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        adv = group_advantages(rewards, G, scale=opts.loss != "dr_grpo")
+        return adv, {"no_signal_groups": zero_signal_groups(rewards, G) / (len(rewards) // G)}
+
+    return advantages
+
+
 def prepare_rl(
     args: Any,
     stage: str,
@@ -60,9 +77,12 @@ def prepare_rl(
     advantages: Any,
     hooks: StageHooks | None = None,
     setup: Any = policy_setup,
+    source: type[RolloutSource] = RolloutSource,
+    held_out: Any = held_out_rewards,
 ):
     """The engine set up for an RL stage: options, prompts, reward, reference, rollout source.
-    `setup(run, opts, cfg)` gives the model to train, its loss and checkpoint (PPO: actor + critic)."""
+    `setup(run, opts, cfg)` gives the model to train, its loss and checkpoint (PPO: actor + critic);
+    `source` samples the rollouts (the agent: episodes), `held_out` is the held-out check."""
     cfg: TrainConfig = stage_options(args, RL)
     run = start_from(cfg, args.parent)
     opts = own_options(args, cls, "rl", run.info, cfg.resume)
@@ -84,14 +104,14 @@ def prepare_rl(
     info = stage_info(stage, cfg, run, args, rl=vars(opts))
     info["reference"] = ref_dir or info["parent"]
     reference = reference_model(run.model, tok, ref_dir) if opts.uses_reference() else None
-    source = lambda rt: RolloutSource(rt, prompts, ids, reward, opts, advantages(opts), reference, hooks)
-    trainer = Trainer(cfg, model.train(), tok, None, info, loss, checkpoint, source=source)
+    make = lambda rt: source(rt, prompts, ids, reward, opts, advantages(opts), reference, hooks)
+    trainer = Trainer(cfg, model.train(), tok, None, info, loss, checkpoint, source=make)
     check = None
     if held is not None:
         reward.check(held)
 
         def check() -> str:
-            m = held_out_rewards(policy_of(trainer.sampling_model()), tok, held, reward, opts, opts.eval_samples)
+            m = held_out(policy_of(trainer.sampling_model()), tok, held, reward, opts, opts.eval_samples)
             return describe_rewards(m, opts, len(held))
 
     return trainer, check
