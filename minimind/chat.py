@@ -6,6 +6,11 @@ is simply continued as text, `<|im_start|>` + text (upstream's "model_mode 0"). 
 through the shared engine (`minimind.generate`). `<think>…</think>` reasoning is split from the
 answer on the decoded text (so a tag spread over several tokens works too) and shown dim on a
 terminal, as `[think] … [/think]` elsewhere, or not at all with `--no-think`.
+
+`--tools SPEC` offers tools (the built-in sandboxed ones, a tools.json, your own .py; see
+minimind/toolbox.py): their definitions go into the system message, each `<tool_call>` the model
+writes is shown, run in the sandbox (never `eval` of model text) and its result shown and handed
+back, and the model continues, up to `--max-turns` replies per message.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from minimind.errors import ConfigError
 from minimind.generate import GenerateOutput, SamplingParams, generate
 from minimind.inference import add_sampling_arguments, open_run, rope_overrides, sampling_params
 from minimind.model import MiniMind
+from minimind.rl.episodes import run_tools
 from minimind.tokenizer import StreamDecoder, Tokenizer
+from minimind.toolbox import Toolbox, load_toolbox
+from minimind.toolcalls import dumps, find_calls, tool_turn
 
 
 class Display:
@@ -57,6 +65,11 @@ class Display:
             self.pending += text
         self.out.flush()
 
+    def note(self, text: str) -> None:
+        """A line about what happened beside the model's text (a tool call and its result)."""
+        self.out.write((f"\033[36m{text}\033[0m" if self.open.startswith("\033") else f"[tool] {text}") + "\n")
+        self.out.flush()
+
     def _close(self) -> None:
         if self.kind == "think" and self.started:
             self.out.write(self.close)
@@ -86,13 +99,15 @@ class Session:
             raise ConfigError("--history must be >= 0")
         self.tokenizer, self.chat, self.system = tokenizer, chat, system
         self.max_turns, self.budget, self.enable_thinking = max_turns, budget, enable_thinking
-        self.history: list[tuple[str, str]] = []  # (user, assistant) exchanges
+        self.history: list[tuple[str, str | list[dict]]] = []  # (user, reply, or the messages after the user turn)
+        self.tools: list[dict] | None = None  # definitions offered in the system message (--tools)
 
-    def prompt(self, user: str) -> tuple[list[int], int]:
+    def prompt(self, user: str, pending: list[dict] | None = None) -> tuple[list[int], int]:
         """(prompt ids, exchanges of history they include).
 
         Keeps the last `max_turns` exchanges, then drops the oldest until the prompt fits `budget`
         (max positions minus the tokens to generate). Text mode ignores history: it continues the line.
+        `pending`: the messages of this exchange so far (replies that called tools, their results).
         """
         tok = self.tokenizer
         if not self.chat:
@@ -102,9 +117,12 @@ class Session:
             while True:
                 messages = [{"role": "system", "content": self.system}] if self.system else []
                 for u, a in turns:
-                    messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-                messages.append({"role": "user", "content": user})
-                ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=self.enable_thinking)
+                    messages.append({"role": "user", "content": u})
+                    messages += a if isinstance(a, list) else [{"role": "assistant", "content": a}]
+                messages += [{"role": "user", "content": user}, *(pending or [])]
+                ids = tok.encode_chat(
+                    messages, add_generation_prompt=True, enable_thinking=self.enable_thinking, tools=self.tools
+                )
                 if self.budget is None or len(ids) <= self.budget or not turns:
                     break
                 turns = turns[1:]
@@ -115,42 +133,66 @@ class Session:
             )
         return ids, len(turns)
 
-    def add(self, user: str, reply: str) -> None:
+    def add(self, user: str, reply: str, pending: list[dict] | None = None) -> None:
         """Remember an exchange (text mode keeps none). Without thinking, the reasoning is not kept."""
         if not self.chat:
             return
-        if self.enable_thinking is False:
-            reply = split_think(reply)[1]
-        elif self.enable_thinking:
-            reply = THINK_OPEN + "\n" + reply  # the prompt opened the block; store it whole
-        self.history.append((user, reply))
+        reply = self.stored(reply)
+        self.history.append((user, [*pending, {"role": "assistant", "content": reply}] if pending else reply))
         if self.max_turns is not None:
             self.history = self.history[len(self.history) - self.max_turns :] if self.max_turns else []
+
+    def stored(self, reply: str) -> str:
+        """A reply as the history keeps it: without its reasoning when thinking is off, whole when on."""
+        if self.enable_thinking is False:
+            return split_think(reply)[1]
+        return THINK_OPEN + "\n" + reply if self.enable_thinking else reply  # the prompt opened the block
 
     def reset(self) -> None:
         self.history = []
 
 
 def reply(
-    model: MiniMind, session: Session, user: str, params: SamplingParams, display: Display
+    model: MiniMind,
+    session: Session,
+    user: str,
+    params: SamplingParams,
+    display: Display,
+    toolbox: Toolbox | None = None,
+    max_turns: int = 3,
 ) -> tuple[str, GenerateOutput]:
-    """Generate, stream and remember one answer; returns (decoded reply without the stop token, output)."""
+    """Generate, stream and remember one answer; returns (decoded reply without the stop token, output).
+    With a toolbox, a reply that calls tools is followed by their results and another reply."""
     tok = session.tokenizer
-    ids, _ = session.prompt(user)
-    decoder, splitter = StreamDecoder(tok), ThinkFilter(in_think=bool(session.enable_thinking))
+    pending: list[dict] = []
+    for turn in range(max_turns if toolbox else 1):
+        ids, _ = session.prompt(user, pending)
+        decoder, splitter = StreamDecoder(tok), ThinkFilter(in_think=bool(session.enable_thinking))
 
-    def on_token(_row: int, token: int) -> None:
-        if token not in params.stop_ids:
-            for kind, text in splitter.push(decoder.push(token)):
-                display.write(kind, text)
+        def on_token(_row: int, token: int, decoder: StreamDecoder = decoder, splitter: ThinkFilter = splitter) -> None:
+            if token not in params.stop_ids:
+                for kind, text in splitter.push(decoder.push(token)):
+                    display.write(kind, text)
 
-    out = generate(model, [ids], params, on_token=on_token)
-    for kind, text in splitter.push(decoder.flush()) + splitter.flush():
-        display.write(kind, text)
-    display.end()
-    g = out.generations[0]
-    text = tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
-    session.add(user, text)
+        out = generate(model, [ids], params, on_token=on_token)
+        for kind, text in splitter.push(decoder.flush()) + splitter.flush():
+            display.write(kind, text)
+        display.end()
+        g = out.generations[0]
+        text = tok.decode(g.tokens[:-1] if g.finish_reason == "stop" else g.tokens)
+        calls = find_calls(text) if toolbox and g.finish_reason == "stop" and turn < max_turns - 1 else []
+        if not calls:
+            break
+        results = run_tools(toolbox, calls)  # type: ignore[arg-type]
+        for c, r in zip(calls, results):
+            display.note(
+                f"{c.name}({dumps(c.arguments)}) -> {r}" if not c.error else f"malformed call: {c.error} -> {r}"
+            )
+        pending += [
+            {"role": "assistant", "content": session.stored(text)},
+            {"role": "user", "content": tool_turn(results)},
+        ]
+    session.add(user, text, pending)
     return text, out
 
 
@@ -185,6 +227,9 @@ def add_arguments(p: Any) -> None:
         "--no-think", dest="think", action="store_const", const=False, help="answer directly; hide any reasoning"
     )
     p.add_argument("--verbose", action="store_true", help="print token counts and speed to stderr after each answer")
+    p.add_argument("--tools", metavar="SPEC", help="offer tools and run their calls in the sandbox: builtin, "
+                   "tool names, tools.json, my_tools.py (comma-separated)")  # fmt: skip
+    p.add_argument("--max-turns", type=int, default=3, help="with --tools: replies per message (each may call tools)")
     add_sampling_arguments(p)
 
 
@@ -204,11 +249,14 @@ def main(args: Any) -> None:
         budget=run.cfg.max_position_embeddings - params.max_new_tokens,
         enable_thinking=args.think,
     )
+    toolbox = load_toolbox(args.tools) if args.tools else None
+    if toolbox is not None:
+        session.tools = toolbox.definitions()
     tty = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     display = Display(sys.stdout, tty, show_think=args.think is not False)
 
     def turn(text: str) -> None:
-        _, out = reply(run.model, session, text, params, display)
+        _, out = reply(run.model, session, text, params, display, toolbox, args.max_turns)
         if args.verbose:
             print(
                 f"[prompt {out.prompt_tokens} tokens, {out.new_tokens} tokens, {out.decode_tokens_per_s:.1f} tok/s]",

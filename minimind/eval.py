@@ -13,6 +13,10 @@ mc     each option scored as the continuation of the question:  s(o) = sum_t log
        user turn and the option (plus its `<|im_end|>`) as the assistant's reply.
 gsm8k  greedy generation, then the predicted number (`#### N`, else `<answer>N</answer>`, else the
        last number) compared with the reference as a number (72.0 == 72). Exact-match accuracy.
+tools  greedy multi-turn episodes (minimind/rl/episodes.py) on agentic prompts (tools on the system
+       message, `gt` the values a right answer gives, optional `expected_calls` [{"name", "arguments"}]),
+       the calls run by the sandboxed toolbox (--tools): valid-call rate, right-tool rate, argument
+       match, episodes that used tools / answered, and final-answer accuracy (every gt value given).
 format greedy generation for the first user turn of each SFT conversation (chat template, the reply
        opening `<think>` itself, as `minimind reason` trains it); the share of replies that are exactly
        `<think>…</think>` then `<answer>…</answer>`, both non-empty (whitespace around them allowed).
@@ -41,7 +45,7 @@ from minimind.losses import token_logps
 from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
 
-TASKS = ("ppl", "mc", "gsm8k", "format")
+TASKS = ("ppl", "mc", "gsm8k", "format", "tools")
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages
 
 # ---- scoring: log-probabilities of the tokens of given sequences ------------------------------
@@ -277,6 +281,47 @@ def eval_format(
     return metrics, items
 
 
+def eval_tools(
+    run: Run, path: Path, limit: int | None, max_new_tokens: int, tools: str, max_turns: int, max_len: int
+) -> tuple[dict, list[dict]]:
+    from minimind.data.messages import check_calls
+    from minimind.data.prompts import check_prompt
+    from minimind.generate import SamplingParams
+    from minimind.rl.episodes import run_episodes, tool_metrics
+    from minimind.toolbox import load_toolbox
+
+    prompts, expected = [], []
+    for lineno, obj in itertools.islice(iter_jsonl(path), limit):
+        where = f"{path}:{lineno}"
+        prompts.append(check_prompt(obj, where))
+        if not prompts[-1].gt:
+            raise DataError(f"{where}: a tool-use case needs 'gt', the values a right final answer gives")
+        expected.append(check_calls(obj.get("expected_calls"), where) if "expected_calls" in obj else None)
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    tok = run.tokenizer
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=tok.stop_ids)
+    episodes = run_episodes(run.model, tok, prompts, load_toolbox(tools), params, max_turns, max_len)
+    have = [i for i, x in enumerate(expected) if x is not None]
+    metrics = tool_metrics(prompts, episodes)
+    if have:  # right tool and arguments, over the cases that say what to call
+        sub = tool_metrics([prompts[i] for i in have], [episodes[i] for i in have], [expected[i] for i in have])
+        metrics.update(right_tool=sub["right_tool"], arguments=sub["arguments"])
+    items = [
+        {
+            "where": p.where,
+            "turns": e.turns,
+            "results": e.results,
+            "calls": [{"name": c.name, "arguments": c.arguments, "error": c.error} for c in e.calls],
+            "answer": e.answer,
+            "gt": p.gt,
+            "unfinished": e.unfinished,
+        }
+        for p, e in zip(prompts, episodes)
+    ]
+    return metrics, items
+
+
 def evaluate(
     run: Run,
     task: str,
@@ -290,6 +335,8 @@ def evaluate(
     shots: int | None = None,
     prompt_style: str = "auto",
     run_dir: str | Path | None = None,
+    tools: str = "builtin",
+    max_turns: int = 3,
 ) -> dict[str, Any]:
     """The report of one task on one file: {task, run, stage, data, n, score, metric, metrics,
     prompt_style, shots, seconds, items}.
@@ -313,7 +360,7 @@ def evaluate(
         raise ConfigError("shots must be 0 or more")
     if shots and not dev:
         raise ConfigError("--shots needs --dev FILE with solved examples")
-    if task in ("ppl", "format") and shots:
+    if task in ("ppl", "format", "tools") and shots:
         raise ConfigError(f"{task} takes no few-shot examples")
     examples: list[Any] = []
     if shots:
@@ -329,9 +376,12 @@ def evaluate(
         metrics, items = eval_mc(run, data, limit, batch_size, max_len, chat, examples)
     elif task == "gsm8k":
         metrics, items = eval_gsm8k(run, data, limit, batch_size, max_new_tokens, chat, examples)
+    elif task == "tools":
+        positions = run.model.cfg.max_position_embeddings  # an episode may fill the whole context
+        metrics, items = eval_tools(run, data, limit, max_new_tokens, tools, max_turns, positions)
     else:
         metrics, items = eval_format(run, data, limit, batch_size, max_new_tokens, chat)
-    main_metric = {"ppl": "ppl", "format": "format"}.get(task, "accuracy")
+    main_metric = {"ppl": "ppl", "format": "format", "tools": "correct"}.get(task, "accuracy")
     return {
         "task": task,
         "run": str(run_dir) if run_dir else None,
@@ -366,9 +416,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 def add_arguments(p: Any) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--task", required=True, choices=TASKS, help="ppl | mc (multiple choice) | gsm8k | format")
+    p.add_argument("--task", required=True, choices=TASKS, help="ppl | mc (multiple choice) | gsm8k | format | tools")
     p.add_argument(
-        "--data", required=True, metavar="FILE", help="ppl: .jsonl/.txt; mc: .csv/.jsonl; gsm8k, format: .jsonl"
+        "--data", required=True, metavar="FILE", help="ppl: .jsonl/.txt; mc: .csv/.jsonl; gsm8k, format, tools: .jsonl"
     )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items")
     p.add_argument("--out", metavar="REPORT.json", help="write the full report (per-item results) here")
@@ -381,7 +431,9 @@ def add_arguments(p: Any) -> None:
         default=512,
         help="ppl: longer documents are cut into windows; mc: longer prompts lose their start",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k/format generation length")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k/format generation length (tools: per turn)")
+    p.add_argument("--tools", default="builtin", metavar="SPEC", help="tools: the tools that run (see minimind agent)")
+    p.add_argument("--max-turns", type=int, default=3, help="tools: turns per episode")
     p.add_argument("--prompt-style", choices=["auto", "plain", "chat"], default="auto",
                    help="auto: plain for pretrain/init runs, the chat template otherwise")  # fmt: skip
     p.add_argument("--lora", metavar="DIR", help="apply this LoRA adapter to the run's model")
@@ -394,6 +446,7 @@ def main(args: Any) -> None:
 
     run = open_run(args.run_dir, args.device, args.lora)
     names = ("limit", "batch_size", "max_seq_len", "max_new_tokens", "dev", "shots", "prompt_style", "run_dir")
+    names += ("tools", "max_turns")
     report = evaluate(run, args.task, args.data, **{k: getattr(args, k) for k in names})
     if args.lora:
         report["lora"] = str(args.lora)

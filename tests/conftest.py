@@ -170,3 +170,25 @@ def pipeline(tmp_path_factory):
     for k in ("tokenizer", "pretrain", "sft", "lora"):
         data[k] = Path(data[k])
     return data
+
+
+@pytest.fixture(scope="session")
+def tool_run(tmp_path_factory):
+    """A small model SFT-trained on the demo's tool conversations (calls the calculator on most sums):
+    (run dir, data dir). Built once per worker in ~20 s."""
+    from minimind.checkpoint import init_run
+    from minimind.data.demo import agent_records, pretrain_texts, tool_eval_records, tool_sft_records, write_jsonl
+    from minimind.data.readers import iter_texts
+
+    root = tmp_path_factory.mktemp("tools")
+    write_jsonl(root / "tool_sft.jsonl", tool_sft_records(400, 1))
+    write_jsonl(root / "agent.jsonl", agent_records(64, 1))
+    write_jsonl(root / "tools_heldout.jsonl", tool_eval_records(16, 2, held_out=True))
+    texts = pretrain_texts(300, seed=1) + list(iter_texts([root / "tool_sft.jsonl"]))
+    init_run("tiny", Tokenizer.train(texts, vocab_size=1024), root / "init", seed=0, hidden_size=64, num_layers=2)
+    _run_cli(
+        "sft", "--from", root / "init", "--data", root / "tool_sft.jsonl", "--out", root / "sft",
+        "--max-seq-len", 320, "--batch-size", 8, "--accumulation", 1, "--lr", 3e-3, "--max-steps", 100,
+        "--warmup-steps", 5, "--cache-dir", root / "cache", "--seed", 0,
+    )  # fmt: skip
+    return root / "sft", root

@@ -300,84 +300,66 @@ def math_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
 # ---- tool use: the built-in tools (minimind/toolbox.py) on questions a small model cannot answer alone
 
 
-def tool_task(rng: random.Random, held_out: bool) -> tuple[str, str, dict, Any]:
-    """(question, tool, arguments, how to phrase the answer from the result) of one tool question:
-    three-digit sums for the calculator (held-out files use other numbers), weather, unit conversion,
-    exchange rates (their values come from the tool's tables, so the answer must be read off the result)."""
-    from minimind.toolbox import RATES, UNITS, WEATHER
+DEMO_TOOLS = {  # the built-in tools the demo offers, with short descriptions (shorter prompts)
+    "calculate_math": "Evaluate arithmetic",
+    "get_current_weather": "Weather of a city",
+    "get_exchange_rate": "Exchange rate",
+}
 
-    kind = rng.randrange(4)
-    if kind == 0:
-        while True:
-            a, b = rng.randint(100, 999), rng.randint(100, 999)
-            if (zlib.crc32(f"{a}+{b}".encode()) % 5 == 0) == held_out:
-                break
-        q = rng.choice([f"What is {a} + {b}?", f"Please add {a} and {b}.", f"{a}加{b}等于多少？"])
-        return q, "calculate_math", {"expression": f"{a} + {b}"}, lambda r: f"{a} + {b} = {r['result']}."
-    if kind == 1:
-        city = rng.choice([c for c in WEATHER if c.isascii()])
-        q = rng.choice([f"What is the weather in {city}?", f"How warm is it in {city} now?"])
-        return (
-            q,
-            "get_current_weather",
-            {"location": city},
-            lambda r: f"It is {r['temperature']} and {r['condition']} in {city}.",
-        )
-    if kind == 2:
-        (a, b), value = rng.choice(sorted(UNITS)), rng.randint(2, 99)
-        q = f"Convert {value} {a} to {b}."
-        return (
-            q,
-            "unit_converter",
-            {"value": value, "from_unit": a, "to_unit": b},
-            lambda r: f"{value} {a} is {r['result']} {b}.",
-        )
-    a, b = rng.choice(sorted(RATES))
-    q = rng.choice([f"What is the exchange rate from {a} to {b}?", f"How many {b} is one {a}?"])
-    return q, "get_exchange_rate", {"from_currency": a, "to_currency": b}, lambda r: f"1 {a} = {r['rate']} {b}."
+
+def tool_task(rng: random.Random, held_out: bool) -> tuple[str, str, dict, int]:
+    """(question, tool, arguments, answer) of a three-digit sum: beyond what the demo model can add, in
+    reach with the calculator (held-out files use other sums)."""
+    while True:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        if (zlib.crc32(f"{a}+{b}".encode()) % 5 == 0) == held_out:
+            break
+    q = rng.choice([f"What is {a} + {b}?", f"Please add {a} and {b}.", f"{a}加{b}等于多少？"])
+    return q, "calculate_math", {"expression": f"{a} + {b}"}, a + b
 
 
 def offered_tools(rng: random.Random, needed: str | None) -> list[dict]:
-    """Two or three built-in tools, the needed one among them, in a random order."""
+    """The tool a question needs (the calculator when it needs none), with a short description: the
+    tools section is most of a demo conversation's tokens."""
     from minimind.toolbox import BUILTIN
 
-    names = [n for n in BUILTIN.tools if n != needed]
-    chosen = rng.sample(names, rng.randint(1, 2)) + ([needed] if needed else [rng.choice(names)])
-    rng.shuffle(chosen)
-    return BUILTIN.definitions(dict.fromkeys(chosen))
+    (tool,) = BUILTIN.definitions([needed or "calculate_math"])
+    return [{"type": "function", "function": {**tool["function"], "description": DEMO_TOOLS[tool["function"]["name"]]}}]
 
 
 def tool_sft_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
-    """Conversations that call a tool and answer from its result (4 in 5), and questions about the
-    world answered directly although tools are offered (1 in 5: not every question needs a tool).
-    Written as upstream's files write them: `tools` a JSON string on the system message, `tool_calls`
-    a JSON string on the assistant message."""
+    """Conversations with tools offered (written as upstream's files write them: `tools` a JSON string
+    on the system message, `tool_calls` a JSON string on the assistant message): questions about the
+    world answered directly (1 in 5), and three-digit sums, half answered with the calculator and its
+    result, half answered directly. A model that learns this calls the tool only sometimes, and gets
+    the sums right only when it does: agentic RL (`minimind agent`) has something to find."""
     from minimind.toolbox import BUILTIN
 
     world, rng = World(0), random.Random(seed)
     out = []
     for _ in range(n):
+        system = {"role": "system", "content": ""}
         if rng.random() < 0.2:
             q, a, _ = qa_pair(world, rng, held_out)
-            system = {
-                "role": "system",
-                "content": "",
-                "tools": json.dumps(offered_tools(rng, None), ensure_ascii=False),
-            }
+            system["tools"] = json.dumps(offered_tools(rng, None), ensure_ascii=False)
             out.append({"conversations": [system, {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
             continue
-        q, name, args, answer = tool_task(rng, held_out)
-        tools = json.dumps(offered_tools(rng, name), ensure_ascii=False)
+        q, name, args, total = tool_task(rng, held_out)
+        system["tools"] = json.dumps(offered_tools(rng, name), ensure_ascii=False)
+        if rng.random() < 0.5:
+            direct = {"role": "assistant", "content": f"{args['expression']} = {total}."}
+            out.append({"conversations": [system, {"role": "user", "content": q}, direct]})
+            continue
         result = BUILTIN.call(name, args)
         call = json.dumps([{"name": name, "arguments": args}], ensure_ascii=False)
         out.append(
             {
                 "conversations": [
-                    {"role": "system", "content": "", "tools": tools},
+                    system,
                     {"role": "user", "content": q},
                     {"role": "assistant", "content": "", "tool_calls": call},
                     {"role": "tool", "content": result},
-                    {"role": "assistant", "content": answer(json.loads(result))},
+                    {"role": "assistant", "content": f"The result is {json.loads(result)['result']}."},
                 ]
             }
         )
@@ -387,14 +369,12 @@ def tool_sft_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
 def agent_records(n: int, seed: int, held_out: bool = False, expected: bool = False) -> list[dict]:
     """Agentic RL prompts (upstream's agent_rl.jsonl shape): tools on the system message, the question,
     an empty assistant placeholder, and `gt`, the value the final answer must give."""
-    from minimind.toolbox import BUILTIN
 
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        q, name, args, _ = tool_task(rng, held_out)
-        result = json.loads(BUILTIN.call(name, args))
-        gt = next(str(result[k]) for k in ("result", "temperature", "rate") if k in result)
+        q, name, args, total = tool_task(rng, held_out)
+        gt = str(total)
         system = {"role": "system", "content": "", "tools": json.dumps(offered_tools(rng, name), ensure_ascii=False)}
         msgs = [system, {"role": "user", "content": q}, {"role": "assistant", "content": ""}]
         out.append({"conversations": msgs, "gt": [gt]})
