@@ -28,7 +28,7 @@ from minimind.model import MiniMind
 from minimind.rl.episodes import run_tools
 from minimind.tokenizer import StreamDecoder, Tokenizer
 from minimind.toolbox import Toolbox, load_toolbox
-from minimind.toolcalls import dumps, find_calls, tool_turn
+from minimind.toolcalls import dumps, find_calls, flatten, tool_turn
 
 
 class Display:
@@ -120,9 +120,8 @@ class Session:
                     messages.append({"role": "user", "content": u})
                     messages += a if isinstance(a, list) else [{"role": "assistant", "content": a}]
                 messages += [{"role": "user", "content": user}, *(pending or [])]
-                ids = tok.encode_chat(
-                    messages, add_generation_prompt=True, enable_thinking=self.enable_thinking, tools=self.tools
-                )
+                messages = flatten(messages, self.tools)  # as SFT, serve and the agent write tools
+                ids = tok.encode_chat(messages, add_generation_prompt=True, enable_thinking=self.enable_thinking)
                 if self.budget is None or len(ids) <= self.budget or not turns:
                     break
                 turns = turns[1:]

@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spo": ("minimind.stages.spo", "SPO: one sample per prompt against a tracked per-prompt baseline"),
     "agent": ("minimind.stages.agent", "agentic RL: multi-turn episodes calling sandboxed tools, GRPO/CISPO losses"),
     "chat": ("minimind.chat", "chat with a run (interactive, or one answer with --prompt)"),
-    "eval": ("minimind.eval", "evaluate a run: ppl, mc (multiple choice), gsm8k, format"),
+    "eval": ("minimind.eval", "evaluate a run: ppl, mc (multiple choice), gsm8k, format, tools"),
     "export": ("minimind.export", "export a run: transformers folder (--format hf) or llama.cpp GGUF (--format gguf)"),
     "serve": ("minimind.serve", "OpenAI-compatible HTTP server with a web chat page at /"),
     "demo": ("minimind.demo", "run the end-to-end pipeline on built-in data (what `make demo` runs)"),

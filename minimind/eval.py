@@ -282,7 +282,14 @@ def eval_format(
 
 
 def eval_tools(
-    run: Run, path: Path, limit: int | None, max_new_tokens: int, tools: str, max_turns: int, max_len: int
+    run: Run,
+    path: Path,
+    limit: int | None,
+    max_new_tokens: int,
+    tools: str,
+    max_turns: int,
+    max_len: int,
+    batch_size: int = 16,
 ) -> tuple[dict, list[dict]]:
     from minimind.data.messages import check_calls
     from minimind.data.prompts import check_prompt
@@ -301,7 +308,8 @@ def eval_tools(
         raise DataError(f"{path}: no prompts")
     tok = run.tokenizer
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=tok.stop_ids)
-    episodes = run_episodes(run.model, tok, prompts, load_toolbox(tools), params, max_turns, max_len)
+    toolbox = load_toolbox(tools)
+    episodes = run_episodes(run.model, tok, prompts, toolbox, params, max_turns, max_len, batch_size=batch_size)
     have = [i for i, x in enumerate(expected) if x is not None]
     metrics = tool_metrics(prompts, episodes)
     if have:  # right tool and arguments, over the cases that say what to call
@@ -378,7 +386,7 @@ def evaluate(
         metrics, items = eval_gsm8k(run, data, limit, batch_size, max_new_tokens, chat, examples)
     elif task == "tools":
         positions = run.model.cfg.max_position_embeddings  # an episode may fill the whole context
-        metrics, items = eval_tools(run, data, limit, max_new_tokens, tools, max_turns, positions)
+        metrics, items = eval_tools(run, data, limit, max_new_tokens, tools, max_turns, positions, batch_size)
     else:
         metrics, items = eval_format(run, data, limit, batch_size, max_new_tokens, chat)
     main_metric = {"ppl": "ppl", "format": "format", "tools": "correct"}.get(task, "accuracy")

@@ -70,21 +70,32 @@ class Tool:
 def check_arguments(schema: dict[str, Any], arguments: dict[str, Any]) -> str:
     """Why a call's arguments do not fit a tool's JSON schema ("" when they do): required keys, no
     unknown keys (when the schema lists its properties), JSON types, enums."""
-    props = schema.get("properties")
-    missing = [k for k in schema.get("required", []) if k not in arguments]
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    required = schema.get("required", []) if isinstance(schema, dict) else []
+    missing = [k for k in required if isinstance(k, str) and k not in arguments]
     if missing:
         return f"missing argument {missing[0]!r}"
+    if not isinstance(props, dict):
+        return ""
     for k, v in arguments.items():
-        if props is None:
-            continue
         if k not in props:
             return f"unknown argument {k!r}"
-        want = JSON_TYPES.get(props[k].get("type", ""))
-        if want and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
-            return f"argument {k!r} must be a {props[k]['type']}"
-        if "enum" in props[k] and v not in props[k]["enum"]:
-            return f"argument {k!r} must be one of {props[k]['enum']}"
+        spec = props[k] if isinstance(props[k], dict) else {}
+        kinds = spec.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else [t for t in kinds if isinstance(t, str)]
+        if kinds and not any(_is(v, t) for t in kinds):
+            return f"argument {k!r} must be of type {' or '.join(kinds)}"
+        if isinstance(spec.get("enum"), list) and v not in spec["enum"]:
+            return f"argument {k!r} must be one of {spec['enum']}"
     return ""
+
+
+def _is(value: Any, kind: str) -> bool:
+    """Whether a JSON value has a JSON-schema type (an unknown type name accepts anything)."""
+    if kind == "null":
+        return value is None
+    want = JSON_TYPES.get(kind)
+    return want is None or (isinstance(value, want) and (not isinstance(value, bool) or want is bool))
 
 
 def tool(name: str, description: str, params: dict[str, str], required: Iterable[str] | None = None) -> Callable:
@@ -128,7 +139,7 @@ class Toolbox:
             result = self.tools[name].fn(**arguments)
         except ToolError as e:
             return dumps({"error": str(e)})
-        except (ArithmeticError, ValueError, TypeError) as e:
+        except Exception as e:  # a tool's own failure (yours too) is the model's problem, not the run's
             return dumps({"error": f"{type(e).__name__}: {e}"})
         text = result if isinstance(result, str) else dumps(result)
         return text[:MAX_RESULT]
@@ -200,6 +211,8 @@ def _eval(node: ast.AST) -> float | int:
         if node.func.id == "round" and len(args) == 2 and abs(args[1]) > MAX_EXPONENT:
             raise ToolError("round to at most 64 digits")  # round(1, -10**60) would compute 10**(10**60)
         return _bounded(FUNCTIONS[node.func.id](*args))
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) in FUNCTIONS:
+        raise ToolError(f"{node.func.id}() takes one or two numbers")  # type: ignore[attr-defined]
     what = getattr(node, "id", None) or getattr(getattr(node, "func", None), "id", None) or type(node).__name__
     raise ToolError(f"{what!r} is not allowed in an expression")
 

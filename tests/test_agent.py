@@ -238,3 +238,32 @@ def test_chat_runs_tool_calls_in_the_sandbox_and_continues(tool_run, monkeypatch
     )
     ((user, exchange),) = session.history
     assert user == "What is 355 + 601?" and [m["role"] for m in exchange] == ["assistant", "user", "assistant"]
+
+
+def test_agent_under_ddp_equals_one_process(tool_run, tmp_path):
+    """A global batch of 4 prompts: 1 process x 4 == 2 gloo processes x 2 under DDP. Every episode
+    samples each turn from its own keyed stream, so both draw the same episodes (same rewards, turns
+    and lengths) and end with the same policy."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir, root = tool_run
+    outs = {}
+    for name, nproc, batch in (("one", 1, 4), ("ddp", 2, 2)):
+        argv = agent_argv(run_dir, root, tmp_path / name, "--max-steps", 2, "--batch-size", batch, "--device", "cpu")
+        argv[argv.index("--num-generations") + 1] = "2"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = (cmd if nproc > 1 else [sys.executable]) + ["-m", "minimind"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        outs[name] = tmp_path / name
+    one, ddp = ([json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in outs.values())
+    assert len(one) == len(ddp) == 2
+    for x, y in zip(one, ddp):
+        assert x["length"] == y["length"] and x["turns"] == y["turns"]  # the same episodes
+        assert abs(x["reward"] - y["reward"]) < 1e-9 and abs(x["loss"] - y["loss"]) < 1e-4
+    a, b = (load_file(str(o / "model.safetensors")) for o in outs.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)

@@ -201,7 +201,8 @@ def openai_form(messages):
 
 
 def server_form(messages):
-    """The server's Message has no reasoning_content: the thinking travels inside the content."""
+    """Thinking written inside an earlier reply's content, as clients that do not send reasoning_content
+    back do (test_server_keeps_reasoning_content_of_earlier_turns covers those that do)."""
     out = []
     for m in openai_form(messages):
         if "reasoning_content" in m:
@@ -381,9 +382,13 @@ def test_calculator_round_with_huge_negative_digits_finishes():
     "name, arguments, error",
     [
         ("calculate_math", {}, "missing argument 'expression'"),
-        ("calculate_math", {"expression": 5}, "argument 'expression' must be a string"),
+        ("calculate_math", {"expression": 5}, "argument 'expression' must be of type string"),
         ("calculate_math", {"expression": "1", "x": 1}, "unknown argument 'x'"),
-        ("unit_converter", {"value": True, "from_unit": "km", "to_unit": "miles"}, "argument 'value' must be a number"),
+        (
+            "unit_converter",
+            {"value": True, "from_unit": "km", "to_unit": "miles"},
+            "argument 'value' must be of type number",
+        ),
         ("rm_rf", {}, "unknown tool 'rm_rf'"),
     ],
 )

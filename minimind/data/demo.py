@@ -308,14 +308,14 @@ DEMO_TOOLS = {  # the built-in tools the demo offers, with short descriptions (s
 
 
 def tool_task(rng: random.Random, held_out: bool) -> tuple[str, str, dict, int]:
-    """(question, tool, arguments, answer) of a three-digit sum: beyond what the demo model can add, in
-    reach with the calculator (held-out files use other sums)."""
+    """(question, tool, arguments, answer) of a product of two two-digit numbers: the demo model never
+    learns to multiply, the calculator does it (held-out files use other pairs)."""
     while True:
-        a, b = rng.randint(100, 999), rng.randint(100, 999)
-        if (zlib.crc32(f"{a}+{b}".encode()) % 5 == 0) == held_out:
+        a, b = rng.randint(11, 99), rng.randint(11, 99)
+        if (zlib.crc32(f"{a}*{b}".encode()) % 5 == 0) == held_out:
             break
-    q = rng.choice([f"What is {a} + {b}?", f"Please add {a} and {b}.", f"{a}加{b}等于多少？"])
-    return q, "calculate_math", {"expression": f"{a} + {b}"}, a + b
+    q = rng.choice([f"What is {a} times {b}?", f"Please multiply {a} by {b}.", f"{a}乘以{b}等于多少？"])
+    return q, "calculate_math", {"expression": f"{a} * {b}"}, a * b
 
 
 def offered_tools(rng: random.Random, needed: str | None) -> list[dict]:
@@ -330,9 +330,9 @@ def offered_tools(rng: random.Random, needed: str | None) -> list[dict]:
 def tool_sft_records(n: int, seed: int, held_out: bool = False) -> list[dict]:
     """Conversations with tools offered (written as upstream's files write them: `tools` a JSON string
     on the system message, `tool_calls` a JSON string on the assistant message): questions about the
-    world answered directly (1 in 5), and three-digit sums, half answered with the calculator and its
-    result, half answered directly. A model that learns this calls the tool only sometimes, and gets
-    the sums right only when it does: agentic RL (`minimind agent`) has something to find."""
+    world answered directly (1 in 5), and products of two-digit numbers, half answered with the
+    calculator and its result, half directly. A model that learns this calls the tool only sometimes,
+    and gets products right only when it does: agentic RL (`minimind agent`) has something to find."""
     from minimind.toolbox import BUILTIN
 
     world, rng = World(0), random.Random(seed)

@@ -13,9 +13,10 @@ a tool turn's ids are laid out as SFT lays out a user turn (`minimind/data/chat.
 
 so only the policy's own tokens (its turns and their closing `<|im_end|>`) are trained.
 
-An episode ends when a turn has no tool call (its final answer), when it stops otherwise than by
-`<|im_end|>`, when a turn is cut at `max_new_tokens`, when the last allowed turn still calls a tool,
-or when the next turn would not fit in the context: the last three leave it *unfinished*.
+An episode ends when a turn has no tool call (its final answer), when a turn stops otherwise than by
+`<|im_end|>` (at `<|endoftext|>`, or cut at `max_new_tokens`), when the last allowed turn still calls
+a tool, or when the next turn would not fit in the context. It is *unfinished* (no final answer) when
+its last turn calls a tool, was cut at `max_new_tokens`, or never came (no room).
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ def valid_call(call: Call, prompt: Prompt) -> bool:
     """Well-formed and closed, a tool the prompt offers, arguments that fit that tool's schema."""
     if call.error or not call.closed:
         return False
-    schema = next((t["function"].get("parameters") for t in prompt.tools or () if tool_name(t) == call.name), None)
-    return schema is not None and not check_arguments(schema or {}, call.arguments)
+    tool = next((t for t in prompt.tools or () if tool_name(t) == call.name), None)
+    return tool is not None and not check_arguments(tool["function"].get("parameters") or {}, call.arguments)
 
 
 def tool_metrics(prompts: list[Prompt], episodes: list[Episode], expected: list[list[dict]] | None = None) -> dict:

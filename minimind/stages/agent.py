@@ -24,7 +24,9 @@ from minimind.stages.rl_common import add_rl_arguments, group_relative, prepare_
 
 
 def add_arguments(p: Any) -> None:
-    add_rl_arguments(p, AgentOptions)
+    add_rl_arguments(
+        p, AgentOptions, data='prompts .jsonl: {"conversations": [system with "tools", user], "gt": [...]}'
+    )
 
 
 def prepare(args: Any):

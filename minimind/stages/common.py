@@ -98,7 +98,9 @@ def add_stage_arguments(p: Any, data_help: str, parent: bool = True, defaults: D
     if parent:
         p.add_argument("--from", dest="parent", metavar="RUN_DIR", help="the run to start from")
     p.add_argument("--data", nargs="+", metavar="FILE", help=data_help)
-    p.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out data: loss before and after training")
+    p.add_argument(
+        "--eval-data", nargs="+", metavar="FILE", help="held-out data: loss (RL: rewards) before and after training"
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="options from YAML; flags given here win")
     shown = None if defaults is None else {**defaults.options, "lr": "by the run's preset (docs)"}
     add_options(p, TrainConfig, "training", shown=shown)

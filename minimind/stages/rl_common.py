@@ -44,9 +44,9 @@ RL = DPO.but(options={"batch_size": 4, "accumulation": 1, "epochs": 1, "weight_d
 PROMPTS = 'prompts .jsonl: {"conversations": [...], "answer": ...}'
 
 
-def add_rl_arguments(p: Any, cls: type[RLOptions] = RLOptions, skip: tuple[str, ...] = ()) -> None:
+def add_rl_arguments(p: Any, cls: type[RLOptions] = RLOptions, skip: tuple[str, ...] = (), data: str = PROMPTS) -> None:
     """Every RL stage's flags: the engine's and those of its options (`cls`, but `skip`)."""
-    add_stage_arguments(p, PROMPTS, defaults=RL)
+    add_stage_arguments(p, data, defaults=RL)
     add_options(p, cls, "reinforcement learning", skip)
 
 
