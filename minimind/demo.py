@@ -31,6 +31,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--reason-steps", type=int, default=300)
     p.add_argument("--distill-steps", type=int, default=80)
     p.add_argument("--grpo-steps", type=int, default=300)
+    p.add_argument("--tool-sft-steps", type=int, default=150)
+    p.add_argument("--agent-steps", type=int, default=24)
 
 
 def first_question(conversation: list[dict]) -> tuple[list[dict], str]:
@@ -85,7 +87,7 @@ def main(args: Any) -> None:
     print("   e.g. " + next(iter_texts([files["pretrain"]])))
 
     section("2. tokenizer (byte-level BPE)")
-    tok = Tokenizer.train(iter_texts([files["pretrain"], files["sft"]]), vocab_size=args.vocab_size)
+    tok = Tokenizer.train(iter_texts([files["pretrain"], files["sft"], files["tool_sft"]]), vocab_size=args.vocab_size)
     tok.save(out / "tokenizer")
     print(
         f"   trained {tok.vocab_size} ids (asked for {args.vocab_size}; a small corpus may merge fewer) "
@@ -153,6 +155,7 @@ def main(args: Any) -> None:
     preference_and_reasoning(out, files, args)
     distillation(out, files, args)
     reinforcement(out, files, args)
+    tool_use(out, files, args)
     interop(out)
 
     section("done")
@@ -313,11 +316,42 @@ def reinforcement(out: Path, files: dict[str, Path], args: Any) -> None:
     print(f"   greedy sums right on 400 of the prompts it practised: SFT {before:.1%} -> GRPO {after:.1%}")
 
 
+def tool_use(out: Path, files: dict[str, Path], args: Any) -> None:
+    """SFT on conversations that call the calculator (half of the products answered with it, half
+    without), then agentic RL: episodes that run the calls in the sandbox, rewarded for right answers."""
+    from minimind.eval import evaluate
+
+    section("14. tool use: SFT with tool calls, then agentic RL (minimind agent) with the sandboxed calculator")
+    for name in ("tools", "agent"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    cli("sft", "--from", out / "sft", "--data", files["tool_sft"], "--out", out / "tools", "--max-seq-len", 304,
+        "--batch-size", 8, "--lr", 2e-3, "--max-steps", args.tool_sft_steps, "--warmup-steps", 10, "--log-every", 50,
+        "--cache-dir", out / "cache", "--seed", args.seed)  # fmt: skip
+    cli("agent", "--from", out / "tools", "--data", files["agent"], "--out", out / "agent", "--max-steps",
+        args.agent_steps, "--batch-size", 4, "--num-generations", 8, "--max-new-tokens", 40, "--max-turns", 2,
+        "--max-seq-len", 400, "--lr", 2e-4, "--temperature", 0.7, "--log-every", 10, "--seed", args.seed)  # fmt: skip
+    reports = {
+        name: evaluate(load_run(out / name), "tools", files["tools_heldout"], max_new_tokens=40, max_turns=2)
+        for name in ("tools", "agent")
+    }
+    n = reports["tools"]["n"]
+    print(f"   greedy episodes on {n} held-out products (none of them in any training file):")
+    for key, what in (
+        ("used_tools", "episodes that called a tool"),
+        ("valid_calls", "calls well-formed, to an offered tool, arguments fitting its schema"),
+        ("arguments", "calls with exactly the expected arguments"),
+        ("correct", "final answers right"),
+    ):
+        a, b = (reports[name]["metrics"][key] for name in ("tools", "agent"))
+        print(f"   {what:<68} SFT {a:6.1%} -> agent {b:6.1%}")
+    cli("chat", out / "agent", "--tools", "calculate_math", "--prompt", "What is 37 times 48?", "--temperature", 0)
+
+
 def interop(out: Path) -> None:
     """The SFT model leaves MiniMind: a transformers folder and a GGUF file, each asked one question."""
     import importlib.util
 
-    section("14. export: transformers folder and GGUF for llama.cpp / ollama, then how to serve")
+    section("15. export: transformers folder and GGUF for llama.cpp / ollama, then how to serve")
     sft = load_run(out / "sft")
     question = [{"role": "user", "content": "What is 21 + 14?"}]
     ids = sft.tokenizer.encode_chat(question, add_generation_prompt=True)
