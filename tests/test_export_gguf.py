@@ -144,8 +144,18 @@ def test_tokenizer_and_chat_template_match(sft_exports):
     assert meta["tokenizer.chat_template"] == tok.chat_template
     formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(tok.chat_template, eos_token="", bos_token="")
     assert formatter(messages=chat).prompt == rendered
+    # A tool conversation through the GGUF's own template: the same text as ours, the same ids in llama.cpp.
+    from minimind.toolbox import BUILTIN
+
+    tools = BUILTIN.definitions(["calculate_math"])
+    call = {"type": "function", "function": {"name": "calculate_math", "arguments": {"expression": "17 * 23"}}}
+    with_tools = [*chat, {"role": "assistant", "content": "", "tool_calls": [call]},
+                  {"role": "tool", "content": '{"result": "391"}'}]  # fmt: skip
+    gguf_formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(meta["tokenizer.chat_template"], "", "")
+    tool_text = tok.render_chat(with_tools, add_generation_prompt=True, tools=tools)
+    assert "<tool_call>" in tool_text and gguf_formatter(messages=with_tools, tools=tools).prompt == tool_text
     with llama(paths["f32"]) as llm:
-        for text in [*TEXTS, rendered]:
+        for text in [*TEXTS, rendered, tool_text]:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
             # Decoding gives the text back, special tokens included.
             assert llm.detokenize(tok.encode(text), special=True).decode() == text

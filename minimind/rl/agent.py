@@ -33,6 +33,9 @@ class AgentOptions(RLOptions):
     tools: str = opt("builtin", "the tools that run: builtin, tool names, tools.json, my_tools.py (comma-separated)",
                      metavar="SPEC")  # fmt: skip
 
+    def budget(self) -> int:
+        return self.max_new_tokens * self.max_turns  # every turn the policy writes; tool turns carry no loss
+
     def validate(self) -> None:
         super().validate()
         if self.max_turns < 1:

@@ -67,6 +67,10 @@ class RLOptions:
     eval_tokens: int = opt(0, "reply length of the held-out check (0: --max-new-tokens)")
     eval_samples: int = opt(4, "replies sampled per held-out prompt (as in training) besides the greedy one")
 
+    def budget(self) -> int:
+        """The most tokens of a completion that carry a loss (Dr.GRPO's fixed denominator)."""
+        return self.max_new_tokens
+
     def uses_reference(self) -> bool:
         """Whether the stage needs the frozen reference model (the GRPO family: for the KL in the loss)."""
         return self.beta > 0
@@ -155,7 +159,7 @@ class PolicyLoss:
         old = batch.old_logp if batch.old_logp is not None else logp.detach()
         loss, units, stats = policy_loss(
             logp, old, batch.advantages, mask, o.loss, o.clip, o.clip_high or None, batch.ref_logp, o.beta,
-            max_len=o.max_new_tokens,
+            max_len=o.budget(),
         )  # fmt: skip
         with torch.no_grad():
             stats["entropy"] = entropy_from_logits(out.logits.detach() / o.temperature, mask)

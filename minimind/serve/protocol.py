@@ -117,7 +117,8 @@ class ChatRequest(SamplingFields):
         """Top-level `enable_thinking` wins over `chat_template_kwargs.enable_thinking`; None: the model decides."""
         if self.enable_thinking is not None:
             return self.enable_thinking
-        value = (self.chat_template_kwargs or {}).get("enable_thinking")
+        kwargs = self.chat_template_kwargs or {}
+        value = kwargs.get("enable_thinking", kwargs.get("open_thinking"))  # ours, or upstream's name
         if value is not None and not isinstance(value, bool):
             raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false", "chat_template_kwargs")
         return value
