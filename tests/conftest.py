@@ -206,7 +206,7 @@ def agent_pipeline(pipeline, tmp_path_factory):
         "--batch-size", 8, "--accumulation", 1, "--lr", 2e-3, "--max-steps", 150, "--warmup-steps", 10, *common,
     )  # fmt: skip
     _run_cli(
-        "agent", "--from", root / "tools", "--data", f["agent"], "--out", root / "agent", "--max-steps", 24,
+        "agent", "--from", root / "tools", "--data", f["agent"], "--out", root / "agent", "--max-steps", 16,
         "--batch-size", 4, "--num-generations", 8, "--max-new-tokens", 40, "--max-turns", 2, "--max-seq-len", 400,
         "--lr", 2e-4, "--temperature", 0.7, *common,
     )  # fmt: skip
