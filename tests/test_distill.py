@@ -293,7 +293,7 @@ def test_bad_data_names_file_and_line(pipeline, tmp_path):
     bad = write(tmp_path / "bad.jsonl", [good, {"conversations": [{"role": "bot", "content": "x"}]}])
     err = run_failing(*distill_argv(pipeline["sft"], tmp_path / "o", bad, *STUDENT))
     assert err.strip().splitlines() == [
-        f"DataError: {bad}:2: message 1 has role 'bot' (expected system, user, assistant)"
+        f"DataError: {bad}:2: message 1 has role 'bot' (expected system, user, assistant, tool)"
     ]
     assert not (tmp_path / "o").exists()
     # The kind of data is judged by each file's first record; all files must be of one kind.

@@ -263,6 +263,9 @@ class ConversationOptions:
             raise ConfigError("--empty-think-ratio must be between 0 and 1")
 
 
+SFT_CONVERSATIONS: dict[str, Any] = {}  # SFT's own conversation defaults (none differ from the fields' yet)
+
+
 def add_conversation_arguments(p: Any, defaults: dict[str, Any] | None = None) -> None:
     """The conversation flags, with the stage's own `defaults` (SFT: an empty-think share of 0.2)."""
     add_options(p, ConversationOptions, "conversations", shown=defaults)
@@ -270,9 +273,9 @@ def add_conversation_arguments(p: Any, defaults: dict[str, Any] | None = None) -
 
 
 def conversation_options(args: Any, run: Run, resume: bool) -> ConversationOptions:
-    """Field defaults < the stage's < (on --resume) those the run was started with < YAML < flags."""
-    saved = run.info.get("conversations") if resume else None
-    opts = merge_options(args, ConversationOptions, args.conversation_defaults, saved)
+    """Field defaults < the stage's < YAML < flags. On --resume give the same flags again: a run whose
+    data would differ (another --empty-think-ratio) is refused by the engine's data check."""
+    opts = merge_options(args, ConversationOptions, args.conversation_defaults)
     opts.validate()
     return opts
 

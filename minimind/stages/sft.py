@@ -1,9 +1,9 @@
 """Supervised fine-tuning: teach a pretrained model to answer in turns.
 
 data:  {"conversations": [{"role", "content"}, ...]} per line, rendered as ChatML, with tools, tool
-       calls and results, reasoning (minimind/data/messages.py); a share (--empty-think-ratio, 0.2) of
-       replies without reasoning get an empty <think> block, so the model answers both with thinking
-       switched on and off
+       calls and results, reasoning (minimind/data/messages.py); with --empty-think-ratio R (upstream:
+       0.2) a share R of replies without reasoning get an empty <think> block, so the model also
+       answers when thinking is switched off
        -> rows packing whole conversations, attention kept inside each (no compute on padding)
 model: the parent run (--from)
 loss:  -sum_{t in assistant replies} log p(x_t | x_<t) / (assistant tokens)
@@ -17,6 +17,7 @@ from typing import Any
 
 from minimind.stages.common import (
     SFT,
+    SFT_CONVERSATIONS,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
@@ -30,7 +31,7 @@ from minimind.stages.common import (
 
 def add_arguments(p: Any) -> None:
     add_stage_arguments(p, '.jsonl files of {"conversations": [{"role": ..., "content": ...}, ...]}', defaults=SFT)
-    add_conversation_arguments(p, {"empty_think_ratio": 0.2})
+    add_conversation_arguments(p, SFT_CONVERSATIONS)
 
 
 def main(args: Any) -> None:
