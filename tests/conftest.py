@@ -62,7 +62,7 @@ def sharp_model(name: str = "gqa", **overrides) -> MiniMind:
 
 # What makes a test slow: the trained pipeline (minutes to build, once per session), or several
 # processes launched (torchrun, deepspeed). `pytest -m "not slow"` is the inner loop; `make test` runs all.
-SLOW_FIXTURES = {"pipeline", "agent_pipeline"}
+SLOW_FIXTURES = {"pipeline"}
 SLOW_FILES = {"test_parallel.py"}
 
 
@@ -116,7 +116,7 @@ def _build_pipeline(root, seed: int = 0) -> dict:
     from minimind.data.readers import iter_texts
 
     files = write_demo_data(root / "data", scale=0.5)
-    tok = Tokenizer.train(iter_texts([files["pretrain"], files["sft"], files["tool_sft"]]), vocab_size=1024)
+    tok = Tokenizer.train(iter_texts([files["pretrain"], files["sft"]]), vocab_size=1024)
     tok.save(root / "tokenizer")
     common = ["--max-seq-len", 128, "--batch-size", 16, "--accumulation", 1, "--log-every", 50]
     common += ["--cache-dir", root / "cache", "--seed", seed]
@@ -192,22 +192,3 @@ def tool_run(tmp_path_factory):
         "--warmup-steps", 5, "--cache-dir", root / "cache", "--seed", 0,
     )  # fmt: skip
     return root / "sft", root
-
-
-@pytest.fixture(scope="session")
-def agent_pipeline(pipeline, tmp_path_factory):
-    """The demo's tool-use step at test scale, from the pipeline's SFT run: SFT on conversations that call
-    the calculator on half of the products, then `minimind agent` (as `make demo`, fewer steps)."""
-    root = tmp_path_factory.mktemp("agent")
-    f = pipeline["files"]
-    common = ["--seed", int(os.environ.get("MINIMIND_TEST_SEED", "0")), "--cache-dir", root / "cache"]
-    _run_cli(
-        "sft", "--from", pipeline["sft"], "--data", f["tool_sft"], "--out", root / "tools", "--max-seq-len", 304,
-        "--batch-size", 8, "--accumulation", 1, "--lr", 2e-3, "--max-steps", 150, "--warmup-steps", 10, *common,
-    )  # fmt: skip
-    _run_cli(
-        "agent", "--from", root / "tools", "--data", f["agent"], "--out", root / "agent", "--max-steps", 16,
-        "--batch-size", 4, "--num-generations", 8, "--max-new-tokens", 40, "--max-turns", 2, "--max-seq-len", 400,
-        "--lr", 2e-4, "--temperature", 0.7, *common,
-    )  # fmt: skip
-    return {"tools": root / "tools", "agent": root / "agent", "heldout": f["tools_heldout"]}

@@ -267,21 +267,3 @@ def test_agent_under_ddp_equals_one_process(tool_run, tmp_path):
     a, b = (load_file(str(o / "model.safetensors")) for o in outs.values())
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
-
-
-def test_agentic_rl_raises_held_out_tool_use(agent_pipeline):
-    """On the demo's held-out products (none in any training file), greedy episodes after `minimind agent`
-    call the calculator more often than the SFT model they started from (which calls it on about half,
-    as its data does), with calls that stay valid, and answer right no less often. (Demo runs,
-    2026-12-03: used tools 72% -> 100%, 78% -> 100%; right answers 41% -> 72% on one base model, 0% -> 0%
-    on another whose SFT had not learned to copy the operands into the call: see NOTES.md.)"""
-    reports = {
-        name: evaluate(
-            load_run(agent_pipeline[name]), "tools", agent_pipeline["heldout"], max_new_tokens=40, max_turns=2
-        )
-        for name in ("tools", "agent")
-    }
-    before, after = (reports[name]["metrics"] for name in ("tools", "agent"))
-    assert before["valid_calls"] > 0.8 and after["valid_calls"] > 0.8, (before, after)  # SFT taught the format
-    assert after["used_tools"] >= before["used_tools"] + 0.1, (before, after)
-    assert after["correct"] >= before["correct"] - 0.05, (before, after)
