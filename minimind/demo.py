@@ -28,9 +28,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--lora-steps", type=int, default=80)
     p.add_argument("--dpo-steps", type=int, default=60)
-    p.add_argument("--reason-steps", type=int, default=250)
+    p.add_argument("--reason-steps", type=int, default=300)
     p.add_argument("--distill-steps", type=int, default=80)
-    p.add_argument("--grpo-steps", type=int, default=100)
+    p.add_argument("--grpo-steps", type=int, default=90)
     p.add_argument("--tool-sft-steps", type=int, default=150)
     p.add_argument("--agent-steps", type=int, default=16)
 

@@ -314,8 +314,7 @@ def tool_task(rng: random.Random, held_out: bool) -> tuple[str, str, dict, int]:
         a, b = rng.randint(11, 99), rng.randint(11, 99)
         if (zlib.crc32(f"{a}*{b}".encode()) % 5 == 0) == held_out:
             break
-    # The call copies "a * b" as the question writes it: a copy a 0.9M model learns in 150 steps.
-    q = rng.choice([f"What is {a} * {b}?", f"{a} * {b} = ?", f"Please compute {a} * {b}.", f"{a} * {b}等于多少？"])
+    q = rng.choice([f"What is {a} times {b}?", f"Please multiply {a} by {b}.", f"{a}乘以{b}等于多少？"])
     return q, "calculate_math", {"expression": f"{a} * {b}"}, a * b
 
 
