@@ -159,6 +159,42 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids.to(device), mask.to(device)
 
 
+class Continuation:
+    """Rows that go on across `generate` calls with their KV cache: pass it as `continuation=` and each
+    call's prompts are the *new* ids of each row (a tool result and the next reply's opening), appended
+    after everything the row already holds; only they are prefilled. Multi-turn episodes use it: turn
+    t + 1 costs its own tokens, not a re-prefill of the whole conversation.
+
+    Rows are aligned by slot, not by length: a row that stopped early, or whose new ids are fewer than
+    another's, leaves masked slots (holes) behind it; positions count only real tokens, so each row sees
+    exactly what it would see alone. `keep(rows)` drops the rows that are done."""
+
+    def __init__(self) -> None:
+        self.cache: KVCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, cache.length): 1 where a slot holds a real token
+        self.pending: list[list[int]] = []  # per row: its last sampled token, when it was not fed back yet
+        self.seen: torch.Tensor | None = None  # (B, vocab) for the repetition penalty
+
+    def keep(self, rows: list[int]) -> None:
+        if self.cache is None or rows == list(range(len(self.pending))):
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.cache.k.device)
+        self.cache.k, self.cache.v = self.cache.k[:, index], self.cache.v[:, index]
+        self.mask = self.mask[index]
+        self.pending = [self.pending[i] for i in rows]
+        if self.seen is not None:
+            self.seen = self.seen[index]
+
+    def record(self, full_mask: torch.Tensor, start: int, gens: list[Generation], cache: KVCache) -> None:
+        """After a call: which slots hold real tokens, and which sampled tokens still wait to be fed."""
+        fed = cache.length - start  # decode steps whose token went into the cache
+        mask = full_mask[:, : cache.length].clone()
+        for i, g in enumerate(gens):
+            mask[i, start + min(len(g.tokens), fed) :] = 0  # a row that stopped fed padding after its end
+        self.cache, self.mask = cache, mask
+        self.pending = [g.tokens[fed:] for g in gens]
+
+
 @torch.inference_mode()
 def generate(
     model: MiniMind,
@@ -166,6 +202,7 @@ def generate(
     params: SamplingParams,
     on_token: Callable[[int, int], bool | None] | None = None,
     keys: list[int] | None = None,
+    continuation: Continuation | None = None,
 ) -> GenerateOutput:
     """Continue every prompt; `on_token(row, token_id)` is called as each token is chosen.
 
@@ -174,6 +211,9 @@ def generate(
 
     `on_token` may return True to end that row after this token (finish reason "stop"): the server
     uses it for stop strings. An exception it raises aborts the whole generation (a cancelled request).
+
+    `continuation` (see `Continuation`): continue its rows, `prompts` being each row's new ids; it is
+    updated to hold the rows after this call.
     """
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -184,18 +224,31 @@ def generate(
     # on GPUs; a float32 cache would be re-cast whole by every layer at every step), else the model's
     # (float32 on CPU, what the native decode kernels take).
     dtype = compute_dtype(device, next(model.parameters()).dtype)
+    resumed = continuation is not None and continuation.cache is not None
+    if resumed and len(prompts) != len(continuation.pending):
+        raise ConfigError(f"{len(prompts)} prompts for a continuation of {len(continuation.pending)} rows")
+    if resumed:
+        prompts = [pending + p for pending, p in zip(continuation.pending, prompts)]
     ids, pad_mask = left_pad(prompts, cfg.pad_token_id, device)
     B, width = ids.shape
-    total = width + params.max_new_tokens
-    if total > cfg.max_position_embeddings:
+    past = continuation.cache.length if resumed else 0
+    start = past + width  # the slot of the first new token
+    total = start + params.max_new_tokens
+    held = continuation.mask.sum(-1).max().item() if resumed else 0  # real tokens a row holds already
+    if held + width + params.max_new_tokens > cfg.max_position_embeddings:
         raise ConfigError(
-            f"prompt ({width} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"prompt ({held + width} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
             f"model's max_position_embeddings ({cfg.max_position_embeddings})"
         )
-    padded = bool((pad_mask == 0).any())
+    padded = resumed or bool((pad_mask == 0).any())
     full_mask = torch.zeros((B, total), dtype=torch.long, device=device)
-    full_mask[:, :width] = pad_mask
-    cache = KVCache(cfg, B, total, device, dtype)
+    full_mask[:, past:start] = pad_mask
+    if resumed:
+        full_mask[:, :past] = continuation.mask
+        cache = continuation.cache
+        cache.reserve(total)
+    else:
+        cache = KVCache(cfg, B, total, device, dtype)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -206,7 +259,9 @@ def generate(
         uniforms = keyed_uniforms(keys, params.max_new_tokens).to(device, uniform_dtype(device))  # one copy
     seen = None
     if params.repetition_penalty != 1.0:
-        seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
+        seen = continuation.seen if resumed and continuation.seen is not None else None
+        if seen is None:
+            seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
         seen.scatter_(1, ids, pad_mask.bool())
     stop = torch.tensor(params.stop_ids or (-1,), device=device)
 
@@ -217,7 +272,8 @@ def generate(
 
     decoder = FastDecoder(model)  # decode steps by native kernels where they apply (x86-64 CPUs)
     t0 = time.perf_counter()
-    logits = model(ids, attention_mask=pad_mask if padded else None, cache=cache, logits_to_keep=1).logits[:, -1]
+    prefill_mask = full_mask[:, :start] if padded else None
+    logits = model(ids, attention_mask=prefill_mask, cache=cache, logits_to_keep=1).logits[:, -1]
     t_prefill = time.perf_counter()
     for step in range(params.max_new_tokens):
         u = uniforms[:, step] if uniforms is not None else None
@@ -242,8 +298,8 @@ def generate(
             break
         if step + 1 == params.max_new_tokens:
             break
-        full_mask[:, width + step] = 1
-        step_mask = full_mask[:, : width + step + 1] if padded else None
+        full_mask[:, start + step] = 1
+        step_mask = full_mask[:, : start + step + 1] if padded else None
         logits = decoder.step(tokens[:, None], step_mask, cache)
         if logits is None:
             logits = model(tokens[:, None], attention_mask=step_mask, cache=cache).logits[:, -1]
@@ -254,6 +310,9 @@ def generate(
     gens = [
         Generation(toks[i][: lengths_l[i]], lps[i][: lengths_l[i]], "stop" if done_l[i] else "length") for i in range(B)
     ]
+    if continuation is not None:
+        continuation.record(full_mask, start, gens, cache)
+        continuation.seen = seen
     return GenerateOutput(
         gens,
         prompt_tokens=sum(len(p) for p in prompts),

@@ -119,7 +119,8 @@ class KVCache:
     """Keys and values of every layer, preallocated once: (layers, batch, kv_heads, max_len, head_dim).
 
     A decode step writes its keys in place; nothing is concatenated per token. `length` is the
-    number of positions filled (the same for every row: prompts are left-padded to one length).
+    number of slots filled, the same for every row: prompts are left-padded to one length, and the
+    attention mask marks the slots that hold no token (padding, or holes left by a continued generation).
     """
 
     def __init__(
@@ -135,6 +136,16 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+
+    def reserve(self, max_len: int) -> None:
+        """Room for `max_len` positions (a continued generation): the filled ones are copied once."""
+        if max_len <= self.max_len:
+            return
+        shape = (*self.k.shape[:3], max_len, self.k.shape[4])
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        n = self.length
+        k[:, :, :, :n], v[:, :, :, :n] = self.k[:, :, :, :n], self.v[:, :, :, :n]
+        self.k, self.v, self.max_len = k, v, max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]

@@ -7,7 +7,7 @@ import torch
 from conftest import sharp_model
 
 from minimind.errors import ConfigError
-from minimind.generate import SamplingParams, draw, generate, keyed_uniforms, process_logits, row_key
+from minimind.generate import Continuation, SamplingParams, draw, generate, keyed_uniforms, process_logits, row_key
 
 PROMPTS = [[5, 17, 42, 9], [7, 7, 100], [300, 12, 13, 14, 15, 16]]
 
@@ -171,3 +171,38 @@ def test_cache_takes_the_autocast_dtype(monkeypatch):
             assert logits.argmax(-1).tolist() == gen.tokens
             expected = logits.log_softmax(-1).gather(-1, torch.tensor(gen.tokens)[:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(gen.logprobs), expected, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", ["gqa", "moe"])
+def test_a_continuation_equals_generating_from_the_whole_context(name):
+    """Turn by turn with the kept KV cache (rows that stopped early, new ids of unequal lengths, a row
+    dropped between turns) gives the tokens and log-probs of generating from each row's whole context
+    at once: the holes it leaves are invisible and positions count real tokens only."""
+    model = sharp_model(name)
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    first = tokens(generate(model, PROMPTS, greedy))
+    stop = first[1][3]  # row 1 stops after 4 tokens; the others run on (or stop elsewhere)
+    p = SamplingParams(max_new_tokens=10, temperature=0, stop_ids=(stop,))
+    cont = Continuation()
+    out1 = generate(model, PROMPTS, p, continuation=cont)
+    lengths = [len(t) for t in tokens(out1)]
+    assert lengths[1] == 4 and max(lengths) == 10
+    chunks = [[11, 12, 13], [40], [7, 8, 9, 10, 11, 12]]
+    keys = [row_key(3, i) for i in range(3)]
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0)
+    for drop in (False, True):
+        c = Continuation()
+        generate(model, PROMPTS, p, continuation=c)
+        rows = [0, 2] if drop else [0, 1, 2]
+        c.keep(rows)
+        out2 = generate(model, [chunks[i] for i in rows], sampled, keys=[keys[i] for i in rows], continuation=c)
+        whole = [PROMPTS[i] + tokens(out1)[i] + chunks[i] for i in rows]
+        ref = generate(model, whole, sampled, keys=[keys[i] for i in rows])
+        assert tokens(out2) == tokens(ref)
+        for g, r in zip(out2.generations, ref.generations):
+            assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(r.logprobs), atol=1e-4)
+        assert out2.prompt_tokens == sum(len(chunks[i]) for i in rows) + sum(lengths[i] == 10 for i in rows)
+    with pytest.raises(ConfigError, match="2 prompts for a continuation of 3 rows"):
+        c = Continuation()
+        generate(model, PROMPTS, p, continuation=c)
+        generate(model, chunks[:2], p, continuation=c)

@@ -3,8 +3,9 @@ the results come back as a tool turn, up to `max_turns` turns. Used by `minimind
 for training), its held-out check and `minimind eval --task tools` (greedy).
 
 All episodes of a batch advance turn by turn together through the one sampling engine: each turn is
-one batched `generate` call over the episodes still running, each continuing its whole context
-(prompt, its earlier turns, the tool results) with the KV cache of that call. The tokens of an episode
+one batched `generate` call over the episodes still running, continuing the batch's KV cache
+(`generate.Continuation`): a turn prefills only what is new (the tool results and the next reply's
+opening), never the conversation again; episodes that ended leave the batch. The tokens of an episode
 are kept as ids, never re-tokenized: what the policy sampled is exactly what training scores, and
 a tool turn's ids are laid out as SFT lays out a user turn (`minimind/data/chat.py`):
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from minimind.chatformat import split_think
 from minimind.data.prompts import Prompt, encode_prompt, reply_prefix
-from minimind.generate import SamplingParams, generate, row_key
+from minimind.generate import Continuation, SamplingParams, generate, row_key
 from minimind.tokenizer import BOS, Tokenizer
 from minimind.toolbox import Toolbox, check_arguments
 from minimind.toolcalls import TOOL_CALL_CLOSE, Call, dumps, find_calls, tool_name, tool_turn
@@ -139,17 +140,25 @@ def run_episodes(
         EpisodeState(list(x), keys[i] if keys else 0, p.tool_names or None)
         for i, (x, p) in enumerate(zip(ids, prompts))
     ]
-    for turn in range(max_turns):
-        running = [s for s in states if not s.done]
-        for s in running:
-            if len(s.context) + params.max_new_tokens > limit:  # the next turn would not fit
-                s.done = s.unfinished = True
-        running = [s for s in running if not s.done]
-        for start in range(0, len(running), batch_size):
-            part = running[start : start + batch_size]
-            turn_keys = [row_key(s.key, turn) for s in part] if keys else None
-            out = generate(model, [s.context for s in part], params, keys=turn_keys)
-            for s, g in zip(part, out.generations):
+    for start in range(0, len(states), batch_size):
+        part = states[start : start + batch_size]
+        continuation = Continuation()  # the part's KV cache, kept from turn to turn
+        new_ids = [s.context for s in part]  # what each episode's next turn adds to it
+        alive: list[int] = []  # the episodes the continuation holds, in its row order
+        for turn in range(max_turns):
+            for s in part:
+                if not s.done and len(s.context) + params.max_new_tokens > limit:  # the next turn would not fit
+                    s.done = s.unfinished = True
+            rows = [i for i, s in enumerate(part) if not s.done]
+            if not rows:
+                break
+            if alive:
+                continuation.keep([alive.index(i) for i in rows])  # drop the episodes that ended
+            alive = rows
+            turn_keys = [row_key(part[i].key, turn) for i in rows] if keys else None
+            out = generate(model, [new_ids[i] for i in rows], params, keys=turn_keys, continuation=continuation)
+            for i, g in zip(rows, out.generations):
+                s = part[i]
                 s.ids += g.tokens
                 s.trained += [True] * len(g.tokens)
                 s.logps += g.logprobs
@@ -170,6 +179,7 @@ def run_episodes(
                 s.trained += [False] * len(more)
                 s.logps += [0.0] * len(more)
                 s.context += more
+                new_ids[i] = more
     return [Episode.of(s) for s in states]
 
 
