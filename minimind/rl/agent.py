@@ -16,7 +16,7 @@ from minimind.generate import SamplingParams
 from minimind.options import opt
 from minimind.rl.episodes import run_episodes, tool_metrics
 from minimind.rl.rewards import RewardFn
-from minimind.rl.rollout import RLOptions, RolloutSource
+from minimind.rl.rollout import RLOptions, RolloutSource, held_out_check
 from minimind.tokenizer import Tokenizer
 from minimind.toolbox import Toolbox, load_toolbox
 
@@ -98,9 +98,6 @@ def held_out_episodes(
     seed) on `prompts`: mean reward, each term, and the tool metrics (valid calls, answered, correct)."""
     toolbox = toolbox or load_toolbox(opts.tools)
     limit = limit or model.cfg.max_position_embeddings
-    was_training = model.training
-    model.eval()
-    n = opts.eval_tokens or opts.max_new_tokens
 
     def measure(params: SamplingParams, k: int) -> dict[str, float]:
         each = [p for p in prompts for _ in range(k)]
@@ -109,9 +106,4 @@ def held_out_episodes(
         parts = {name: float(v.mean()) for name, v in r.parts.items()}
         return {"reward": float(r.total.mean()), **parts, **tool_metrics(each, episodes)}
 
-    out = {"greedy": measure(SamplingParams(max_new_tokens=n, temperature=0, stop_ids=tok.stop_ids), 1)}
-    if samples:
-        sampled = SamplingParams(n, opts.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids, seed=0)
-        out["sampled"] = measure(sampled, samples)
-    model.train(was_training)
-    return out
+    return held_out_check(model, tok, opts, measure, samples)

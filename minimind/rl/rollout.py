@@ -405,6 +405,29 @@ class RolloutSource(BatchSource):
 
 
 @torch.no_grad()
+def held_out_check(
+    model: nn.Module,
+    tok: Tokenizer,
+    opts: RLOptions,
+    measure: Callable[[SamplingParams, int], dict[str, float]],
+    samples: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Held-out check: `measure(params, k)` (k replies per prompt) of greedy replies, and with `samples`
+    > 0 of that many replies per prompt sampled as in training (temperature T, full distribution) from a
+    fixed seed: the global RNG is left alone, so checks never change training."""
+    was_training = model.training
+    model.eval()
+    n = opts.eval_tokens or opts.max_new_tokens
+    try:
+        out = {"greedy": measure(SamplingParams(max_new_tokens=n, temperature=0, stop_ids=tok.stop_ids), 1)}
+        if samples:
+            sampled = SamplingParams(n, opts.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids, seed=0)
+            out["sampled"] = measure(sampled, samples)
+    finally:
+        model.train(was_training)
+    return out
+
+
 def held_out_rewards(
     model: nn.Module,
     tok: Tokenizer,
@@ -413,15 +436,10 @@ def held_out_rewards(
     opts: RLOptions,
     samples: int = 0,
     batch_size: int = 32,
-) -> dict[str, float]:
-    """Held-out check: mean reward (and each term's mean) of greedy replies to `prompts`, and with
-    `samples` > 0 of that many replies per prompt sampled as in training (temperature T, full
-    distribution) from a fixed seed: the global RNG is left alone, so checks never change training."""
-    was_training = model.training
-    model.eval()
+) -> dict[str, dict[str, float]]:
+    """`held_out_check` of the mean reward, and each term's mean, of one-turn replies to `prompts`."""
     ids = [encode_prompt(tok, p, opts.think) for p in prompts]
     prefix = reply_prefix(tok, opts.think)
-    n = opts.eval_tokens or opts.max_new_tokens
 
     def mean_rewards(params: SamplingParams, k: int) -> dict[str, float]:
         rows = [x for x in ids for _ in range(k)]
@@ -432,12 +450,7 @@ def held_out_rewards(
         r = reward(prompts, texts)
         return {"reward": float(r.total.mean()), **{k: float(v.mean()) for k, v in r.parts.items()}}
 
-    out = {"greedy": mean_rewards(SamplingParams(max_new_tokens=n, temperature=0, stop_ids=tok.stop_ids), 1)}
-    if samples:
-        sampled = SamplingParams(n, opts.temperature, top_p=1.0, top_k=0, stop_ids=tok.stop_ids, seed=0)
-        out["sampled"] = mean_rewards(sampled, samples)
-    model.train(was_training)
-    return out
+    return held_out_check(model, tok, opts, mean_rewards, samples)
 
 
 def describe_rewards(m: dict[str, dict[str, float]], opts: RLOptions, n: int) -> str:
