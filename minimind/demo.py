@@ -5,7 +5,9 @@ Each step prints what it measured. Steps that need later stages join as those st
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from minimind.checkpoint import init_run, load_run
-from minimind.data.demo import write_demo_data
+from minimind.data.demo import offered_tools, write_demo_data
 from minimind.data.readers import iter_texts
 from minimind.generate import SamplingParams, generate
 from minimind.tokenizer import StreamDecoder, Tokenizer
@@ -31,7 +33,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--reason-steps", type=int, default=300)
     p.add_argument("--distill-steps", type=int, default=80)
     p.add_argument("--grpo-steps", type=int, default=90)
-    p.add_argument("--tool-sft-steps", type=int, default=150)
+    p.add_argument("--tool-sft-steps", type=int, default=300)
     p.add_argument("--agent-steps", type=int, default=16)
 
 
@@ -318,7 +320,9 @@ def reinforcement(out: Path, files: dict[str, Path], args: Any) -> None:
 
 def tool_use(out: Path, files: dict[str, Path], args: Any) -> None:
     """SFT on conversations that call the calculator (half of the products answered with it, half
-    without), then agentic RL: episodes that run the calls in the sandbox, rewarded for right answers."""
+    without: the model learns to copy the operands into the call and the result into the answer, but
+    calls on few questions), then agentic RL: episodes that run the calls in the sandbox, rewarded for
+    right answers, so the model learns to call the calculator whenever it multiplies."""
     from minimind.eval import evaluate
 
     section("14. tool use: SFT with tool calls, then agentic RL (minimind agent) with the sandboxed calculator")
@@ -329,7 +333,7 @@ def tool_use(out: Path, files: dict[str, Path], args: Any) -> None:
         "--cache-dir", out / "cache", "--seed", args.seed)  # fmt: skip
     cli("agent", "--from", out / "tools", "--data", files["agent"], "--out", out / "agent", "--max-steps",
         args.agent_steps, "--batch-size", 4, "--num-generations", 8, "--max-new-tokens", 40, "--max-turns", 2,
-        "--max-seq-len", 400, "--lr", 2e-4, "--temperature", 0.7, "--log-every", 10, "--seed", args.seed)  # fmt: skip
+        "--max-seq-len", 400, "--lr", 1e-4, "--temperature", 0.7, "--log-every", 4, "--seed", args.seed)  # fmt: skip
     reports = {
         name: evaluate(load_run(out / name), "tools", files["tools_heldout"], max_new_tokens=40, max_turns=2)
         for name in ("tools", "agent")
@@ -344,7 +348,9 @@ def tool_use(out: Path, files: dict[str, Path], args: Any) -> None:
     ):
         a, b = (reports[name]["metrics"][key] for name in ("tools", "agent"))
         print(f"   {what:<68} SFT {a:6.1%} -> agent {b:6.1%}")
-    cli("chat", out / "agent", "--tools", "calculate_math", "--prompt", "What is 37 times 48?", "--temperature", 0)
+    tools = out / "data" / "calculator.json"  # the calculator as the training data offered it
+    tools.write_text(json.dumps(offered_tools(random.Random(0), "calculate_math"), ensure_ascii=False))
+    cli("chat", out / "agent", "--tools", tools, "--prompt", "What is 37 times 48?", "--temperature", 0)
 
 
 def interop(out: Path) -> None:

@@ -20,7 +20,7 @@ from minimind.rl.rollout import RLOptions, RolloutSource, held_out_check
 from minimind.tokenizer import Tokenizer
 from minimind.toolbox import Toolbox, load_toolbox
 
-AGENT_REWARD = "tool:answer + 0.25*tool:calls + 0.5*tool:format + 0.5*tool:finished"
+AGENT_REWARD = "tool:answer + 0.5*tool:format + 0.5*tool:finished"
 
 
 @dataclass
