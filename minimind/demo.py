@@ -33,7 +33,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--reason-steps", type=int, default=300)
     p.add_argument("--distill-steps", type=int, default=80)
     p.add_argument("--grpo-steps", type=int, default=90)
-    p.add_argument("--tool-sft-steps", type=int, default=300)
+    p.add_argument("--tool-sft-steps", type=int, default=450)
     p.add_argument("--agent-steps", type=int, default=16)
 
 

@@ -305,7 +305,7 @@ def test_agent_rl_raises_held_out_right_answers(tmp_path):
     )  # fmt: skip
     _run_cli(
         "sft", "--from", tmp_path / "sft", "--data", tmp_path / "tool_sft.jsonl", "--out", tmp_path / "tools",
-        "--max-seq-len", 304, "--batch-size", 8, "--lr", 2e-3, "--max-steps", 300, "--warmup-steps", 10, *common,
+        "--max-seq-len", 304, "--batch-size", 8, "--lr", 2e-3, "--max-steps", 450, "--warmup-steps", 10, *common,
     )  # fmt: skip
     _run_cli(
         "agent", "--from", tmp_path / "tools", "--data", tmp_path / "agent.jsonl", "--out", tmp_path / "agent",
