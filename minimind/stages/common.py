@@ -263,11 +263,8 @@ class ConversationOptions:
             raise ConfigError("--empty-think-ratio must be between 0 and 1")
 
 
-SFT_CONVERSATIONS: dict[str, Any] = {}  # SFT's own conversation defaults (none differ from the fields' yet)
-
-
 def add_conversation_arguments(p: Any, defaults: dict[str, Any] | None = None) -> None:
-    """The conversation flags, with the stage's own `defaults` (SFT: an empty-think share of 0.2)."""
+    """The conversation flags, with the stage's own `defaults` (none differ from the fields' yet)."""
     add_options(p, ConversationOptions, "conversations", shown=defaults)
     p.set_defaults(conversation_defaults=defaults or {})
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from minimind.stages.common import (
     SFT,
-    SFT_CONVERSATIONS,
     add_conversation_arguments,
     add_stage_arguments,
     conversation_rows,
@@ -31,7 +30,7 @@ from minimind.stages.common import (
 
 def add_arguments(p: Any) -> None:
     add_stage_arguments(p, '.jsonl files of {"conversations": [{"role": ..., "content": ...}, ...]}', defaults=SFT)
-    add_conversation_arguments(p, SFT_CONVERSATIONS)
+    add_conversation_arguments(p)
 
 
 def main(args: Any) -> None:
