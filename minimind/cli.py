@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from minimind import __version__
+from minimind import __version__, restart_clock
 from minimind.errors import MiniMindError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,6 +49,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    restart_clock()  # --max-time and the logged elapsed seconds count from here
     argv = sys.argv[1:] if argv is None else argv
     # The `deepspeed` launcher passes --local_rank=N (before the command, with --module); LOCAL_RANK in
     # the environment says the same, and that is what MiniMind reads.

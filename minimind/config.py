@@ -8,6 +8,7 @@ reproduce upstream MiniMind's published parameter counts (tests pin them).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -165,9 +166,12 @@ class TrainConfig:
     batch_size: int = opt(32, "rows per micro-batch per process")
     accumulation: int = opt(8, "micro-batches per optimizer step")
 
-    # AdamW and the schedule
+    # the optimizer and the schedule
+    optimizer: str = opt("adamw", "adamw | muon (Muon on the blocks' matrices, AdamW on embeddings, head, norms)")
     lr: float = opt(5e-4, "peak learning rate")
-    min_lr_ratio: float = opt(0.1, "cosine decays to lr * min_lr_ratio")
+    schedule: str = opt("cosine", "cosine | wsd (warmup, constant, linear decay over the last --decay-share)")
+    decay_share: float = opt(0.2, "wsd: the share of the run spent decaying")
+    min_lr_ratio: float = opt(0.1, "the schedule ends at lr * min_lr_ratio")
     warmup_steps: int = opt(-1, "linear warmup steps; -1: 1% of the steps, at least 1")
     weight_decay: float = opt(0.1, "AdamW's decoupled weight decay")
     beta1: float = opt(0.9, "AdamW beta1")
@@ -177,6 +181,9 @@ class TrainConfig:
     # how long, where, how
     epochs: int = opt(1, "passes over the data")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0: as many as --epochs take")
+    max_time: str = opt(
+        "", "a wall-clock budget (90s, 30m, 1.5h) from the command's start; the schedule ends with it", metavar="TIME"
+    )
     seed: int = opt(42, "seed of the data order, initial weights and sampling")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16")
@@ -186,6 +193,7 @@ class TrainConfig:
     # checkpoints, data errors, logging
     save_every: int = opt(0, "write a checkpoint every N steps; 0: only at the end")
     log_every: int = opt(10, "print and log every N steps")
+    eval_every: int = opt(0, "with --eval-data: log val_loss and val_bpb every N steps and at the end; 0: off")
     resume: bool = opt(False, "continue the run in --out exactly where it stopped")
     doc_mask: bool = opt(False, "keep attention inside each packed document")
     skip_bad_lines: bool = opt(False, "skip malformed records (counted and reported) instead of stopping")
@@ -209,3 +217,28 @@ class TrainConfig:
             raise ConfigError("lr must be positive")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, not {self.optimizer!r}")
+        if self.optimizer == "muon" and (self.zero or self.deepspeed):
+            raise ConfigError("--optimizer muon needs whole matrices: use DDP or --fsdp, not DeepSpeed ZeRO")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"schedule must be cosine or wsd, not {self.schedule!r}")
+        if not 0 < self.decay_share <= 1:
+            raise ConfigError(f"decay_share must be in (0, 1], not {self.decay_share}")
+        if self.eval_every < 0:
+            raise ConfigError("eval_every must be 0 (off) or a number of steps")
+        self.time_budget()
+
+    def time_budget(self) -> float | None:
+        """--max-time in seconds (None: no budget). Accepts 90, 90s, 30m, 1.5h."""
+        text = self.max_time.strip().lower()
+        if not text:
+            return None
+        unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1])
+        try:
+            seconds = float(text[:-1] if unit else text) * (unit or 1)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0 or math.isinf(seconds):
+            raise ConfigError(f"--max-time {self.max_time!r}: give a positive time such as 90s, 30m or 1.5h")
+        return seconds

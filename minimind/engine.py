@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minimind import seconds_since_start
 from minimind.checkpoint import (
     atomic_write,
     checkpoint_dir,
@@ -118,12 +119,19 @@ class Trainer:
         loss_fn: LossFn = lm_loss,
         checkpoint: RunCheckpoint | None = None,
         source: Callable[[Runtime], BatchSource] | None = None,
+        validate: Callable[[], dict[str, float]] | None = None,
     ):
         """`source(runtime)` builds where batches come from, once the model is on its device and wrapped
-        (default: RowBatches over `rows`); the RL stages pass one that generates rollouts (and no rows)."""
+        (default: RowBatches over `rows`); the RL stages pass one that generates rollouts (and no rows).
+        `validate()` measures the model on held-out data (e.g. {"val_loss", "val_bpb"}); with
+        --eval-every N the loop logs it every N steps and at the end, on every process alike."""
         if rows is None and source is None:
             raise ValueError("the Trainer needs rows or a batch source")
         cfg.validate()
+        if cfg.eval_every and validate is None:
+            raise ConfigError("--eval-every needs --eval-data (held-out documents or conversations) on this stage")
+        self.validate = validate
+        self.budget = cfg.time_budget()
         self.cfg, self.tokenizer, self.rows, self.info, self.loss_fn = cfg, tokenizer, rows, info, loss_fn
         self.checkpoint = checkpoint or RunCheckpoint()
         self.rank, self.world, self.device = setup_distributed(cfg.device)
@@ -169,11 +177,14 @@ class Trainer:
         else:
             assert rows is not None  # checked above
             self.source = RowBatches(rows, cfg, self.rank, self.world)
-        self.total_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
-        self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
+        self.max_steps = cfg.max_steps or cfg.epochs * self.source.steps_per_epoch()
+        self.total_steps = self.max_steps  # with --max-time: re-estimated as the run goes (fit_budget)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
         self.tokens_seen = 0
+        self.elapsed_before = 0.0  # seconds that earlier processes of this run used (--resume)
+        self.last_save_s = 0.0
+        self.last_eval_s = 0.0
         self.metric_sums: dict[str, torch.Tensor] = {}  # stage metrics, summed over the log window
         self.skipped = torch.zeros((), device=self.device)  # steps whose gradient norm was not finite
         if resume is not None:
@@ -203,7 +214,8 @@ class Trainer:
         counts = self.step_counts(micro)
         # DDP averages gradients over processes, so each divides by units / world.
         denom = float(counts[0]) if not self.distributed else (counts[0] / self.world).float()
-        lr = lr_at(self.step, self.total_steps, self.warmup, self.cfg.lr, self.cfg.min_lr_ratio)
+        c = self.cfg
+        lr = lr_at(self.step, self.total_steps, self.warmup, c.lr, c.min_lr_ratio, c.schedule, c.decay_share)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_total = torch.zeros((), device=self.device)
@@ -249,6 +261,34 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
+    @property
+    def warmup(self) -> int:
+        """--warmup-steps, or 1% of the (current estimate of the) run's steps."""
+        return self.cfg.warmup_steps if self.cfg.warmup_steps >= 0 else max(1, self.total_steps // 100)
+
+    def elapsed(self) -> float:
+        """Seconds this run has used: since the command started, plus earlier processes' (--resume)."""
+        return self.elapsed_before + seconds_since_start()
+
+    def fit_budget(self, first_step: int, first_done: float) -> None:
+        """--max-time: set total_steps to the steps that still fit in the budget, at the pace of this
+        process's steps after its first (evaluations, logging and saves included), keeping back the time
+        of the final evaluation and save. Under several processes rank 0's estimate is shared at log
+        steps (the all-reduce there), so every process stops at the same step."""
+        done = self.step - first_step - 1
+        if self.budget is None or done < 1:
+            return
+        pace = (self.elapsed() - first_done) / done
+        left = self.budget - self.elapsed() - self.last_eval_s - self.last_save_s
+        total = min(self.max_steps, max(self.step + math.floor(left / pace), self.step))
+        if self.distributed:
+            if self.step % self.cfg.log_every:
+                return
+            shared = torch.tensor([total if self.rank == 0 else 0], device=self.device)
+            dist.all_reduce(shared)
+            total = int(shared)
+        self.total_steps = total
+
     def fit(self) -> TrainResult:
         cfg = self.cfg
         self.model.train()
@@ -256,20 +296,24 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             trim_metrics(self.out, self.step)
             c = self.model.cfg
+            budget = f" within {cfg.max_time}" if self.budget is not None else ""
             print(
                 f"training {self.param_count / 1e6:.2f}M params ({c.num_layers}x{c.hidden_size}) on "
-                f"{self.device} {str(self.dtype).replace('torch.', '')} x{self.world}: {self.total_steps} steps "
-                f"of {self.source.describe()}{f', resuming at step {self.step}' if self.step else ''}"
+                f"{self.device} {str(self.dtype).replace('torch.', '')} x{self.world}: {self.total_steps} steps"
+                f"{budget} of {self.source.describe()}{f', resuming at step {self.step}' if self.step else ''}"
             )
         start, window_start = time.perf_counter(), time.perf_counter()
         window_loss = torch.zeros((), device=self.device)
         window = torch.zeros(2, dtype=torch.float64, device=self.device if self.distributed else "cpu")
         run_tokens, last_loss = 0, float("nan")
-        first_step = self.step
+        first_step, first_done = self.step, 0.0
         while self.step < self.total_steps:
             loss_sum, grad_norm, counts = self.train_step()
             window_loss += loss_sum
             window += counts
+            if self.step == first_step + 1:
+                first_done = self.elapsed()
+            self.fit_budget(first_step, first_done)
             is_last = self.step == self.total_steps
             if self.step % cfg.log_every == 0 or is_last:
                 if self.distributed:
@@ -284,24 +328,48 @@ class Trainer:
                 last_loss = float(window_loss) / max(window_units, 1e-9)
                 self._window_units = window_units
                 source_metrics = self.source_metrics()
-                elapsed = time.perf_counter() - window_start
+                seconds = time.perf_counter() - window_start
                 self._log(
-                    last_loss, float(grad_norm), window_tokens / elapsed, time.perf_counter() - start, first_step,
+                    last_loss, float(grad_norm), window_tokens / seconds, time.perf_counter() - start, first_step,
                     source_metrics,
                 )  # fmt: skip
                 window_loss.zero_()
                 window.zero_()
                 self.metric_sums = {}
                 window_start = time.perf_counter()
+            if self.validate is not None and cfg.eval_every and (self.step % cfg.eval_every == 0 or is_last):
+                self.log_validation()
             if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
                 self.check_finite(loss_sum)
+                t = time.perf_counter()
                 self.save()
+                self.last_save_s = time.perf_counter() - t
         seconds = time.perf_counter() - start
         if self.rank == 0:
             plot(self.out, f"{self.out.name}: {self.info.get('stage', 'training')}")
         for t in self.trackers:
             t.close()
         return TrainResult(self.step, last_loss, run_tokens, seconds, run_tokens / max(seconds, 1e-9))
+
+    def log_validation(self) -> None:
+        """validate() on every process (the same computation; no process waits in a collective for
+        another's), logged by rank 0 with the run's elapsed seconds at the moment it was measured."""
+        t = time.perf_counter()
+        metrics = self.validate() if self.validate is not None else {}
+        self.last_eval_s = time.perf_counter() - t
+        if self.rank != 0:
+            return
+        record = {"step": self.step, **{k: round(v, 6) for k, v in metrics.items()}}
+        record |= {"tokens": self.tokens_seen, "elapsed_s": round(self.elapsed() - self.last_eval_s, 2)}
+        print(
+            f"eval step {self.step}/{self.total_steps} | "
+            + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            + f" | at {record['elapsed_s']:.0f} s",
+            flush=True,
+        )
+        append_metrics(self.out, record)
+        for tracker in self.trackers:
+            tracker.log(record, self.step)
 
     def source_metrics(self) -> dict[str, float]:
         """The batch source's own metrics since the last log (RL: rewards, lengths), averaged over processes."""
@@ -354,7 +422,7 @@ class Trainer:
             "grad_norm": round(grad_norm, 6),
             "tokens_per_s": round(tokens_per_s, 1),
             "tokens": self.tokens_seen,
-            "elapsed_s": round(elapsed, 2),
+            "elapsed_s": round(self.elapsed(), 2),
         }
         line = (
             f"step {self.step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
@@ -406,6 +474,7 @@ class Trainer:
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed(),
             "world": self.world,
             "engine": self.engine.name,
             "global_batch": self.cfg.batch_size * self.cfg.accumulation * self.world,
@@ -513,3 +582,4 @@ class Trainer:
         if rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from minimind.chatformat import follows_format
 from minimind.checkpoint import Run
@@ -41,7 +40,7 @@ from minimind.data.evalsets import MathItem, MCItem, extract_number, read_gsm8k,
 from minimind.data.prompts import encode_prompt, render_prompt
 from minimind.data.readers import iter_jsonl
 from minimind.errors import ConfigError, DataError
-from minimind.losses import token_logps
+from minimind.heldout import HeldOut, token_logprobs
 from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
 
@@ -49,36 +48,6 @@ TASKS = ("ppl", "mc", "gsm8k", "format", "tools")
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages
 
 # ---- scoring: log-probabilities of the tokens of given sequences ------------------------------
-
-
-@torch.inference_mode()
-def token_logprobs(model: MiniMind, seqs: list[list[int]], batch_size: int = 16) -> list[np.ndarray]:
-    """log p(x_t | x_<t) for t = 1..n-1 of every sequence x (n - 1 values each, float32).
-
-    Sequences are sorted by length and right-padded into batches. Right padding needs no mask:
-    causal attention never looks ahead, so every real token sees (and is placed) as if alone.
-    """
-    device = next(model.parameters()).device
-    out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(seqs)
-    order = sorted((i for i in range(len(seqs)) if len(seqs[i]) > 1), key=lambda i: -len(seqs[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = len(seqs[rows[0]]) - 1
-        inputs = torch.full((len(rows), width), model.cfg.pad_token_id, dtype=torch.long)
-        targets = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            s = torch.tensor(seqs[i], dtype=torch.long)
-            inputs[r, : len(s) - 1], targets[r, : len(s) - 1] = s[:-1], s[1:]
-        logp = token_logps(model(inputs.to(device)).logits, targets.to(device)).cpu().numpy()
-        for r, i in enumerate(rows):
-            out[i] = logp[r, : len(seqs[i]) - 1]
-    return out
-
-
-def windows(ids: list[int], scored: np.ndarray, max_len: int) -> list[tuple[list[int], np.ndarray]]:
-    """Cut x (n tokens, `scored[t-1]` says whether target x_t counts) into pieces of at most
-    max_len + 1 tokens overlapping by one, so each target is predicted exactly once."""
-    return [(ids[s : s + max_len + 1], scored[s : s + max_len]) for s in range(0, max(len(ids) - 1, 1), max_len)]
 
 
 def score_options(
@@ -156,40 +125,19 @@ def greedy_replies(
 
 
 def eval_ppl(run: Run, path: Path, limit: int | None, batch_size: int, max_len: int) -> tuple[dict, list[dict]]:
-    from minimind.data.chat import encode_conversations, iter_conversations
-    from minimind.data.tokens import ReadStats, iter_pretrain_texts
-
-    tok = run.tokenizer
-    first = None if path.suffix == ".txt" else next(iter_jsonl(path))
-    if first is not None and "text" not in first[1] and "conversations" not in first[1]:
-        raise DataError(f'{path}:{first[0]}: expected {{"text": ...}} (pretrain) or {{"conversations": [...]}} (SFT)')
-    sft = first is not None and "text" not in first[1]
-    docs: list[tuple[str, list[int], np.ndarray, int]] = []  # (preview, ids, scored targets, bytes)
-    if sft:
-        convs = list(itertools.islice(iter_conversations([path]), limit))
-        for msgs, (ids, trained, _) in zip(convs, encode_conversations(tok, convs)):
-            replies = [m["content"] for m in msgs if m["role"] == "assistant"]
-            docs.append((replies[0], ids.tolist(), trained[1:], sum(len(r.encode()) for r in replies)))
-    else:
-        texts = list(itertools.islice(iter_pretrain_texts([path], ReadStats()), limit))
-        for text, ids in zip(texts, tok.encode_batch(texts)):
-            seq = [tok.bos_id, *ids, tok.eos_id]
-            docs.append((text, seq, np.ones(len(seq) - 1, dtype=bool), len(text.encode())))
-    pieces = [(d, w) for d, (_, ids, scored, _) in enumerate(docs) for w in windows(ids, scored, max_len)]
-    logps = token_logprobs(run.model, [w[0] for _, w in pieces], batch_size)
-    nll, count = np.zeros(len(docs)), np.zeros(len(docs), dtype=np.int64)
-    for (d, (_, scored)), lp in zip(pieces, logps):
-        nll[d] -= float(lp[scored].astype(np.float64).sum())
-        count[d] += int(scored.sum())
-    tokens, total, nbytes = int(count.sum()), float(nll.sum()), sum(d[3] for d in docs)
-    if tokens == 0:
-        raise DataError(f"{path}: nothing to score")
-    mean = total / tokens
-    metrics = {"ppl": math.exp(mean), "nll": mean, "bpb": total / math.log(2) / max(nbytes, 1)}
-    metrics |= {"tokens": tokens, "bytes": nbytes, "format": "sft" if sft else "pretrain"}
+    held = HeldOut.read([path], run.tokenizer, max_len, limit)
+    scores = held.score(run.model, batch_size)
+    metrics = {"ppl": math.exp(scores.loss), "nll": scores.loss, "bpb": scores.bpb}
+    metrics |= {"tokens": int(scores.count.sum()), "bytes": scores.nbytes, "format": held.format}
     items = [
-        {"text": d[0][:200], "tokens": int(c), "bytes": d[3], "nll": n / max(c, 1), "ppl": math.exp(n / max(c, 1))}
-        for d, n, c in zip(docs, nll.tolist(), count.tolist())
+        {
+            "text": d.preview[:200],
+            "tokens": int(c),
+            "bytes": d.nbytes,
+            "nll": n / max(c, 1),
+            "ppl": math.exp(n / max(c, 1)),
+        }
+        for d, n, c in zip(held.docs, scores.nll.tolist(), scores.count.tolist())
     ]
     return metrics, items
 

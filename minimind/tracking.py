@@ -87,7 +87,8 @@ def trim_metrics(out: Path, step: int) -> None:
 
 
 def plot(out: Path, title: str) -> Path | None:
-    """loss.png from metrics.jsonl (skipped when matplotlib is missing)."""
+    """loss.png from metrics.jsonl: the training loss and, when logged, the held-out loss (skipped when
+    matplotlib is missing)."""
     try:
         import matplotlib
 
@@ -97,7 +98,11 @@ def plot(out: Path, title: str) -> Path | None:
         return None
     records = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    train = [r for r in records if "loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    held = [r for r in records if "val_loss" in r]
+    if held:
+        ax.plot([r["step"] for r in held], [r["val_loss"] for r in held], "o-", label="held-out loss (val_loss)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)

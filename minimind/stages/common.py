@@ -27,8 +27,9 @@ from minimind.config import TrainConfig, preset_of
 from minimind.data.batch import Rows
 from minimind.data.chat import ChatRows, show_mask, tokenize_conversations
 from minimind.data.preference import PairBatch, PairRows, read_preferences
-from minimind.engine import STATE, LossFn, RunCheckpoint, Trainer, TrainResult, autocast, evaluate_loss, lm_loss
+from minimind.engine import STATE, LossFn, RunCheckpoint, Trainer, TrainResult, autocast, lm_loss
 from minimind.errors import ConfigError
+from minimind.heldout import HeldOut
 from minimind.options import add_options, merge_options, opt
 from minimind.tokenizer import Tokenizer
 
@@ -99,7 +100,10 @@ def add_stage_arguments(p: Any, data_help: str, parent: bool = True, defaults: D
         p.add_argument("--from", dest="parent", metavar="RUN_DIR", help="the run to start from")
     p.add_argument("--data", nargs="+", metavar="FILE", help=data_help)
     p.add_argument(
-        "--eval-data", nargs="+", metavar="FILE", help="held-out data: loss (RL: rewards) before and after training"
+        "--eval-data",
+        nargs="+",
+        metavar="FILE",
+        help="held-out data: loss (RL: rewards) before and after training; pretrain/sft/lora: also every --eval-every",
     )
     p.add_argument("--config", metavar="FILE.yaml", help="options from YAML; flags given here win")
     shown = None if defaults is None else {**defaults.options, "lr": "by the run's preset (docs)"}
@@ -212,14 +216,30 @@ def train(
     run: Run,
     rows: Rows,
     info: dict[str, Any],
-    eval_rows: Rows | None = None,
+    eval_data: list[str] | None = None,
     loss_fn: LossFn = lm_loss,
     checkpoint: RunCheckpoint | None = None,
 ) -> tuple[Trainer, TrainResult]:
-    """Fit with the engine, printing held-out loss before and after when eval rows are given."""
-    trainer = Trainer(cfg, run.model.train(), run.tokenizer, rows, info, loss_fn, checkpoint)
-    held_out = (lambda: f"{evaluate_loss(trainer.model, eval_rows):.4f}") if eval_rows is not None else None
-    return trainer, fit_and_report(trainer, held_out, label="held-out loss")
+    """Fit with the engine. With held-out files: val_loss and val_bpb before and after (and every
+    --eval-every steps), measured as `minimind eval --task ppl` measures them (minimind/heldout.py)."""
+    held = HeldOut.read(eval_data, run.tokenizer, cfg.max_seq_len) if eval_data else None
+    measured: dict[int, dict[str, float]] = {}  # by step: the end of training measures once
+
+    def validate() -> dict[str, float]:
+        assert held is not None
+        if trainer.step not in measured:
+            scores = held.score(trainer.model)
+            measured[trainer.step] = {"val_loss": scores.loss, "val_bpb": scores.bpb}
+        return measured[trainer.step]
+
+    def report() -> str:
+        m = validate()
+        return f"{m['val_loss']:.4f} (bpb {m['val_bpb']:.4f})"
+
+    trainer = Trainer(
+        cfg, run.model.train(), run.tokenizer, rows, info, loss_fn, checkpoint, validate=validate if held else None
+    )
+    return trainer, fit_and_report(trainer, report if held else None, label="held-out loss")
 
 
 def fit_and_report(
@@ -277,8 +297,9 @@ def conversation_options(args: Any, run: Run, resume: bool) -> ConversationOptio
     return opts
 
 
-def conversation_rows(args: Any, cfg: TrainConfig, run: Run) -> tuple[ChatRows, ChatRows | None]:
-    """Training rows (and held-out rows) of conversations; prints what was read and packed."""
+def conversation_rows(args: Any, cfg: TrainConfig, run: Run, held_out: bool = True) -> tuple[ChatRows, ChatRows | None]:
+    """Training rows (and, with `held_out`, rows of --eval-data) of conversations; prints what was read
+    and packed."""
     tok = run.tokenizer
     opts = conversation_options(args, run, cfg.resume)
     data = tokenize_conversations(
@@ -294,7 +315,7 @@ def conversation_rows(args: Any, cfg: TrainConfig, run: Run) -> tuple[ChatRows, 
         f"({'packed' if packing else 'one conversation per row'})"
     )
     eval_rows = None
-    if args.eval_data:
+    if args.eval_data and held_out:
         held = tokenize_conversations(args.eval_data, tok, cfg.max_seq_len, cfg.cache_dir or None)
         eval_rows = ChatRows(held, cfg.max_seq_len, True, tok.pad_id)
     return rows, eval_rows

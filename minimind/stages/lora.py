@@ -121,6 +121,6 @@ def main(args: Any) -> None:
         f"LoRA {lora_cfg.name!r}: rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {len(wrapped)} layers; "
         f"{trainable:,} trained parameters ({trainable / run.model.num_params():.2%} of the base)"
     )
-    rows, eval_rows = conversation_rows(args, cfg, run)
+    rows, _ = conversation_rows(args, cfg, run, held_out=False)
     info = stage_info("lora", cfg, run, args, parent=str(args.parent), name=lora_cfg.name)
-    train(cfg, run, rows, info, eval_rows, checkpoint=AdapterCheckpoint(lora_cfg))
+    train(cfg, run, rows, info, args.eval_data, checkpoint=AdapterCheckpoint(lora_cfg))

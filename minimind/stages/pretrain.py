@@ -61,8 +61,4 @@ def main(args: Any) -> None:
     rows = PackedRows(tokens.tokens, tokens.offsets, cfg.max_seq_len, cfg.doc_mask)
     run = Run(model, tokenizer, run_info(out) if cfg.resume else {})
     info = stage_info("pretrain", cfg, run, args, preset=args.preset or run.info.get("preset") or preset_of(model.cfg))
-    eval_rows = None
-    if args.eval_data:
-        held = tokenize_files(args.eval_data, tokenizer, cfg.cache_dir or None)
-        eval_rows = PackedRows(held.tokens, held.offsets, cfg.max_seq_len, cfg.doc_mask)
-    train(cfg, run, rows, info, eval_rows)
+    train(cfg, run, rows, info, args.eval_data)

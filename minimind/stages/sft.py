@@ -38,5 +38,5 @@ def main(args: Any) -> None:
         return show_masks(args, SFT.options)
     cfg = stage_options(args, SFT)
     run = start_from(cfg, args.parent)
-    rows, eval_rows = conversation_rows(args, cfg, run)
-    train(cfg, run, rows, stage_info("sft", cfg, run, args), eval_rows)
+    rows, _ = conversation_rows(args, cfg, run, held_out=False)
+    train(cfg, run, rows, stage_info("sft", cfg, run, args), args.eval_data)
