@@ -160,7 +160,7 @@ def run_ours(args: argparse.Namespace, extra: list[str]) -> None:
         str(HERE.parent / ".venv" / "bin" / "minimind"), "pretrain", "--tokenizer", str(Path(args.upstream) / "model"),
         "--preset", "minimind2-small", "--data", str(work / "train.jsonl"), "--out", str(out),
         "--max-seq-len", str(SEQ), "--batch-size", str(BATCH), "--accumulation", "1", "--dtype", "float32",
-        "--device", "cpu", "--epochs", "100", "--max-time", f"{budget:.1f}s", "--cache-dir", str(work / "cache"),
+        "--device", "cpu", "--max-time", f"{budget:.1f}s", "--cache-dir", str(work / "cache"),
         "--log-every", "5", *extra,
     ]  # fmt: skip
     if (work / "cache").exists():

@@ -49,7 +49,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    restart_clock()  # --max-time and the logged elapsed seconds count from here
+    restart_clock(from_process_start=argv is None)  # --max-time and the logged elapsed seconds count from here
     argv = sys.argv[1:] if argv is None else argv
     # The `deepspeed` launcher passes --local_rank=N (before the command, with --module); LOCAL_RANK in
     # the environment says the same, and that is what MiniMind reads.

@@ -279,7 +279,10 @@ class Trainer:
         if self.budget is None or done < 1:
             return
         pace = (self.elapsed() - first_done) / done
-        left = self.budget - self.elapsed() - self.last_eval_s - self.last_save_s
+        # the final save (and plot) until one is measured: ~16 bytes a parameter (weights, optimizer
+        # state) at 200 MB/s and a second, or one step if that is less
+        finish = self.last_save_s or min(pace, 1.0 + 16 * self.param_count / 2e8)
+        left = self.budget - self.elapsed() - self.last_eval_s - finish
         total = min(self.max_steps, max(self.step + math.floor(left / pace), self.step))
         if self.distributed:
             if self.step % self.cfg.log_every:
@@ -296,7 +299,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             trim_metrics(self.out, self.step)
             c = self.model.cfg
-            budget = f" within {cfg.max_time}" if self.budget is not None else ""
+            budget = f" (or as many as fit in --max-time {cfg.max_time})" if self.budget is not None else ""
             print(
                 f"training {self.param_count / 1e6:.2f}M params ({c.num_layers}x{c.hidden_size}) on "
                 f"{self.device} {str(self.dtype).replace('torch.', '')} x{self.world}: {self.total_steps} steps"

@@ -241,3 +241,24 @@ def test_eval_every_needs_held_out_data(setup, tokenizer_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(pretrain_argv(setup, tokenizer_dir, tmp_path / "x", "--max-steps", 2, "--eval-every", 1))
     assert "--eval-every needs --eval-data" in capsys.readouterr().err
+
+
+def test_pretraining_defaults_by_preset_and_resume_keeps_the_optimizer(tmp_path):
+    from minimind.cli import build_parser
+    from minimind.stages import pretrain
+    from minimind.stages.common import saved_train_config
+
+    def options(*extra):
+        argv = ["pretrain", "--data", "x.jsonl", "--out", str(tmp_path / "run"), *extra]
+        return pretrain.options(build_parser("pretrain").parse_args(argv))
+
+    small = options("--preset", "minimind2-small")
+    assert (small.optimizer, small.schedule, small.lr) == ("muon", "wsd", 2e-3)
+    assert options("--preset", "minimind2-small", "--optimizer", "adamw", "--lr", "1e-3").optimizer == "adamw"
+    tiny_run = options("--preset", "tiny")
+    assert (tiny_run.optimizer, tiny_run.schedule, tiny_run.lr) == ("adamw", "cosine", 5e-4)
+    # a run saved before --optimizer existed resumes with what it trained with
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run.json").write_text(json.dumps({"train_config": {"lr": 2e-3, "max_seq_len": 64}}))
+    assert saved_train_config(tmp_path / "old") == {"optimizer": "adamw", "schedule": "cosine", "lr": 2e-3,
+                                                    "max_seq_len": 64}  # fmt: skip

@@ -62,6 +62,21 @@ DPO_LR = {
 }
 
 
+# Pretraining defaults by preset. minimind2-small's come from the time-to-loss sweeps (NOTES.md,
+# BENCHMARKS.md "Time to loss": Muon at 2e-3 on a WSD schedule reached upstream's one-epoch held-out
+# loss in a quarter of its time; AdamW at 5e-4 or 2e-3 did not). The other full-size presets take the
+# same (Muon's update is scaled to AdamW's RMS per matrix shape, so its rate carries over; not swept).
+# The tiny presets keep AdamW and a cosine: the demo and the tests are tuned on them.
+MUON_WSD = {"optimizer": "muon", "schedule": "wsd", "lr": 2e-3}
+PRETRAIN: dict[str, dict[str, Any]] = {
+    "minimind2-small": MUON_WSD,
+    "minimind2": MUON_WSD,
+    "minimind2-moe": MUON_WSD,
+    "minimind3": MUON_WSD,
+    "minimind3-moe": MUON_WSD,
+}
+
+
 @dataclass(frozen=True)
 class Defaults:
     """A stage's defaults: its training options, and its learning rate by the preset (shape) of the
@@ -126,7 +141,10 @@ def saved_train_config(out: str | Path) -> dict[str, Any]:
             # The engine is not inherited: checkpoints do not depend on it, so a resume runs under the
             # engine it is launched with (FSDP saved, DDP or one process resumed, or the other way).
             known = {f.name for f in fields(TrainConfig)} - {"out", "resume", "fsdp", "zero", "deepspeed"}
-            return {k: v for k, v in saved.items() if k in known}
+            kept = {k: v for k, v in saved.items() if k in known}
+            if kept:  # runs saved before --optimizer/--schedule existed trained with AdamW and a cosine
+                kept = {"optimizer": "adamw", "schedule": "cosine", **kept}
+            return kept
     return {}
 
 

@@ -3,6 +3,7 @@
 data:  text files -> cached token stream -> rows of max_seq_len tokens (no padding)
 model: a fresh preset (or the run being resumed)
 loss:  -sum_t log p(x_t | x_<t) / tokens  (+ MoE balance loss)
+optimizer: the full-size presets default to Muon on a WSD schedule (common.PRETRAIN), tiny to AdamW
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from minimind.checkpoint import Run, load_config, new_model
-from minimind.config import PRESETS, ModelConfig, preset_of
+from minimind.config import PRESETS, ModelConfig, TrainConfig, preset_of
 from minimind.data.packing import PackedRows
 from minimind.data.tokens import tokenize_files
 from minimind.errors import ConfigError
 from minimind.model import MiniMind
 from minimind.options import add_options, given
-from minimind.stages.common import add_stage_arguments, fresh_out, run_info, stage_info, stage_options, train
+from minimind.stages.common import PRETRAIN, add_stage_arguments, fresh_out, run_info, stage_info, stage_options, train
 from minimind.tokenizer import Tokenizer
 
 
@@ -30,8 +31,13 @@ def add_arguments(p: Any) -> None:
     add_options(p, ModelConfig, "model overrides (new runs)", skip)
 
 
+def options(args: Any) -> TrainConfig:
+    """Field defaults < the preset's (common.PRETRAIN) < the run's own on --resume < YAML < flags."""
+    return stage_options(args, lambda given: dict(PRETRAIN.get(args.preset or "", {})))
+
+
 def main(args: Any) -> None:
-    cfg = stage_options(args, {})
+    cfg = options(args)
     out = Path(cfg.out)
     if cfg.resume:
         tokenizer = Tokenizer.load(out)
